@@ -1,0 +1,187 @@
+"""What every attack shares: the threat model (projection, random start), the loss it ascends, and the
+guarantee that the model comes back exactly as it was handed over (mode, BatchNorm statistics, `.grad`).
+
+Inputs are images in [0, 1]; normalisation lives inside the model, so ε means the same for every model.
+Gradients are taken with `torch.autograd.grad` with respect to the current iterate itself, never through a
+clamp, so a pixel sitting on the 0 or 1 border still gets a gradient and can move back inside.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterator, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from robust_train.errors import ConfigError
+
+Norm = Literal["linf", "l2"]
+LossName = Literal["ce", "margin"]
+BNMode = Literal["eval", "train"]
+
+
+def check_eps(eps: float, norm: str = "linf") -> float:
+    eps = float(eps)
+    if not math.isfinite(eps) or eps < 0 or (norm == "linf" and eps > 1):
+        bound = "[0, 1] (images live in [0, 1])" if norm == "linf" else "[0, inf)"
+        raise ConfigError(f"eps={eps} is out of range for the {norm} threat model: use a value in {bound}")
+    return eps
+
+
+def check_positive(name: str, value, allow_zero: bool = False):
+    if value is None or not (value >= 0 if allow_zero else value > 0):  # `not` also rejects nan
+        raise ConfigError(f"{name}={value} must be {'>= 0' if allow_zero else '> 0'}")
+    return value
+
+
+@contextlib.contextmanager
+def attack_mode(model: nn.Module, bn_mode: BNMode = "eval") -> Iterator[None]:
+    """Run the attack in `bn_mode` and restore every module's mode afterwards.
+
+    In "train" mode the attack uses batch statistics; BatchNorm running statistics are saved and put back so
+    that the k attack steps do not pollute them (fast_adversarial's train-mode attack does pollute them).
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    saved_stats = []
+    if bn_mode == "train":
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+                saved_stats.append((m, [b.clone() for b in (m.running_mean, m.running_var, m.num_batches_tracked)]))
+    elif bn_mode != "eval":
+        raise ConfigError(f"bn_mode={bn_mode!r}: use 'eval' or 'train'")
+    model.train(bn_mode == "train")
+    try:
+        with torch.enable_grad():
+            yield
+    finally:
+        for m, training in modes:
+            m.training = training
+        with torch.no_grad():
+            for m, (mean, var, count) in saved_stats:
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(count)
+
+
+def attack_loss(logits: torch.Tensor, y: torch.Tensor, loss: LossName = "ce",
+                target: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-example loss that the attack *ascends*.
+
+    Untargeted: cross-entropy of the true class, or the margin max_{j≠y} z_j − z_y (Carlini-Wagner).
+    Targeted: −cross-entropy of the target, or the margin z_t − max_{j≠t} z_j.
+    """
+    cls = y if target is None else target
+    if loss == "ce":
+        ce = F.cross_entropy(logits, cls, reduction="none")
+        return ce if target is None else -ce
+    if loss == "margin":
+        own = logits.gather(1, cls[:, None]).squeeze(1)
+        others = logits.scatter(1, cls[:, None], float("-inf")).amax(1)
+        return others - own if target is None else own - others
+    raise ConfigError(f"unknown attack loss {loss!r}: use 'ce' or 'margin'")
+
+
+def input_gradient(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss: LossName = "ce",
+                   target: torch.Tensor | None = None):
+    """Gradient of the summed per-example loss with respect to the iterate; returns (grad, logits, loss)."""
+    x_adv = x_adv.detach().requires_grad_(True)
+    logits = model(x_adv)
+    losses = attack_loss(logits, y, loss, target)
+    (grad,) = torch.autograd.grad(losses.sum(), x_adv)
+    return grad, logits.detach(), losses.detach()
+
+
+def _per_example(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(t.shape[0], -1)
+
+
+def _expand(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: Norm = "linf") -> torch.Tensor:
+    """Closest point to x_adv inside the ε-ball around x, then clipped to [0, 1] (stays in the ball)."""
+    if norm == "linf":
+        x_adv = torch.minimum(torch.maximum(x_adv, x - eps), x + eps)
+    elif norm == "l2":
+        delta = x_adv - x
+        norms = _per_example(delta).norm(dim=1).clamp_min(1e-12)
+        delta = delta * _expand(torch.clamp(eps / norms, max=1.0), delta)
+        x_adv = x + delta
+    else:
+        raise ConfigError(f"unknown norm {norm!r}: use 'linf' or 'l2'")
+    return x_adv.clamp(0.0, 1.0)
+
+
+def steepest_step(x_adv: torch.Tensor, grad: torch.Tensor, step_size: float, norm: Norm = "linf") -> torch.Tensor:
+    """Ascent step of length `step_size` in the norm's steepest direction (sign for L∞, unit gradient for L2)."""
+    if norm == "linf":
+        return x_adv + step_size * grad.sign()
+    norms = _per_example(grad).norm(dim=1).clamp_min(1e-12)
+    return x_adv + step_size * grad / _expand(norms, grad)
+
+
+def random_start(x: torch.Tensor, eps: float, norm: Norm = "linf",
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """A uniform point of the ε-ball around x, clipped to [0, 1]."""
+    if norm == "linf":
+        delta = (torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1) * eps
+    else:
+        direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        direction = direction / _expand(_per_example(direction).norm(dim=1).clamp_min(1e-12), x)
+        d = _per_example(x).shape[1]
+        radius = torch.rand(x.shape[0], generator=generator, device=x.device, dtype=x.dtype) ** (1.0 / d) * eps
+        delta = direction * _expand(radius, x)
+    return (x + delta).clamp(0.0, 1.0)
+
+
+class Attack:
+    """An attack is a callable `attack(model, x, y, target=None) -> x_adv`.
+
+    Subclasses implement `perturb` with the model already in attack mode and gradients enabled; this base
+    checks the arguments, restores the model afterwards and returns a detached tensor.
+    """
+
+    name = "attack"
+    steps = 1
+    restarts = 1
+
+    def __init__(self, eps: float, *, norm: Norm = "linf", loss: LossName = "ce", targeted: bool = False,
+                 bn_mode: BNMode = "eval"):
+        if norm not in ("linf", "l2"):
+            raise ConfigError(f"unknown norm {norm!r}: use 'linf' or 'l2'")
+        if loss not in ("ce", "margin"):
+            raise ConfigError(f"unknown attack loss {loss!r}: use 'ce' or 'margin'")
+        self.eps = check_eps(eps, norm)
+        self.norm, self.loss, self.targeted, self.bn_mode = norm, loss, targeted, bn_mode
+        self.step_size = self.eps
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                 target: torch.Tensor | None = None) -> torch.Tensor:
+        if self.targeted and target is None:
+            raise ValueError(f"{self.name} is targeted: pass target= (one class per example)")
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError("attacks need gradients but inference mode is on: run Lightning with "
+                               "Trainer(inference_mode=False) or call the attack outside torch.inference_mode()")
+        x = x.detach()
+        if self.eps == 0:
+            return x.clone()
+        with attack_mode(model, self.bn_mode):
+            x_adv = self.perturb(model, x, y, target if self.targeted else None)
+        return x_adv.detach()
+
+    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                target: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """What a report needs to say which attack produced a number."""
+        return {"attack": self.name, "norm": self.norm, "eps": self.eps, "steps": self.steps,
+                "step_size": self.step_size, "restarts": self.restarts, "loss": self.loss,
+                "targeted": self.targeted}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v}" for k, v in self.describe().items() if k != "attack")
+        return f"{type(self).__name__}({args})"

@@ -1,0 +1,79 @@
+"""Reading checkpoints safely and turning them back into plain classifiers.
+
+Checkpoints are read with `torch.load(weights_only=True)`: tensors and plain containers only, so a checkpoint
+from a stranger cannot run code on load. One that needs arbitrary unpickling is refused.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from robust_train.errors import ConfigError
+from robust_train.models import create_model
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """The checkpoint dict; ConfigError with one line if the file is missing, corrupt, unsafe or not ours."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {path} not found: pass the path of a .ckpt file written by `fit` "
+                          "(e.g. checkpoints/<recipe>/<run>/last.ckpt)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
+        raise ConfigError(f"checkpoint {path} was refused: it needs arbitrary unpickling, which could run code "
+                          f"({reason[:120]}); only load checkpoints you trust with plain torch.load") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        raise ConfigError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}); "
+                          "use another checkpoint, e.g. last.ckpt of the same run") from None
+    if not isinstance(ckpt, dict) or "robust_train" not in ckpt or "state_dict" not in ckpt:
+        raise ConfigError(f"checkpoint {path} was not written by robust_train `fit` (no model description "
+                          "inside); evaluate it with your own tools after building the model yourself")
+    return ckpt
+
+
+def classifier_from_checkpoint(ckpt: dict) -> nn.Module:
+    info = ckpt["robust_train"]
+    spec = info["data_spec"]
+    model = create_model(info["arch"], num_classes=spec["num_classes"], in_channels=spec["in_channels"],
+                         mean=spec["mean"], std=spec["std"], **info.get("arch_kwargs", {}))
+    prefix = "model."
+    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ConfigError(f"checkpoint weights do not fit model {info['arch']!r}: "
+                          f"{str(e).splitlines()[0]}") from None
+    return model.eval()
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """The trained classifier of a robust_train checkpoint as a plain `torch.nn.Module` in eval mode.
+
+    Input: images in [0, 1], NCHW (normalisation is inside the model). Output: logits.
+
+    >>> model = robust_train.load("checkpoints/pgd/<run>/last.ckpt")   # doctest: +SKIP
+    >>> x_adv = torchattacks.PGD(model, eps=0.3)(x, y)                 # doctest: +SKIP
+    """
+    return classifier_from_checkpoint(read_checkpoint(path)).to(device)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write through a temporary file in the same folder and rename, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

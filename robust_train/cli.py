@@ -1,0 +1,185 @@
+"""The command line: `python -m robust_train` / `robust-train`.
+
+    fit|validate|test ...     LightningCLI, plus `--recipe NAME` (a file in recipes/ or a path to a YAML file)
+    evaluate --ckpt PATH      accuracy under attack over the data set's ε grid (robust_train/evaluate.py)
+    recipes                   every recipe with one line on what it trains
+
+Mistakes (unknown names, out-of-range values, missing files) end with one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import netrc
+import os
+import secrets
+import sys
+import time
+from argparse import ArgumentError
+from pathlib import Path
+
+from robust_train.errors import ConfigError
+
+REPO_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+def recipe_dirs() -> list[Path]:
+    return [d for d in (Path.cwd() / "recipes", REPO_RECIPES) if d.is_dir()]
+
+
+def available_recipes() -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for d in reversed(recipe_dirs()):  # the working directory's recipes win over the repository's
+        found.update({p.stem: p for p in sorted(d.glob("*.yaml"))})
+    return dict(sorted(found.items()))
+
+
+def find_recipe(name: str) -> Path:
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") or path.parent != Path("."):
+        if path.is_file():
+            return path.resolve()
+        raise ConfigError(f"recipe file {name} not found: give an existing YAML path or a name from "
+                          "`python -m robust_train recipes`")
+    recipes = available_recipes()
+    if name not in recipes:
+        raise ConfigError(f"unknown recipe {name!r}: choose from {', '.join(recipes) or '(none found)'} "
+                          "(`python -m robust_train recipes` describes them)")
+    return recipes[name]
+
+
+def recipe_summary(path: Path) -> str:
+    """The first comment line of a recipe is its one-line description."""
+    for line in path.read_text().splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
+def expand_recipe(argv: list[str]) -> tuple[list[str], str]:
+    """Turn `--recipe NAME` into `--config recipes/NAME.yaml` right after the subcommand, so flags given later
+    override the recipe. Rewriting argv (rather than passing args=) keeps DDP's re-launch of the script working."""
+    out, recipe, i = [], None, 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--recipe" or arg.startswith("--recipe="):
+            if "=" in arg:
+                recipe = arg.split("=", 1)[1]
+            elif i + 1 < len(argv):
+                recipe, i = argv[i + 1], i + 1
+            else:
+                raise ConfigError("--recipe needs a name: see `python -m robust_train recipes`")
+        else:
+            out.append(arg)
+        i += 1
+    if recipe is None:
+        return out, "custom"
+    path = find_recipe(recipe)
+    at = next((k + 1 for k, a in enumerate(out) if a in SUBCOMMANDS), 0)
+    return out[:at] + ["--config", str(path)] + out[at:], path.stem
+
+
+def wandb_logged_in() -> bool:
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "dryrun", "disabled"):
+        return False
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def run_dir_for(recipe: str) -> Path:
+    # DDP re-launches this script once per extra rank: those processes must write into the same run folder.
+    if os.environ.get("LOCAL_RANK", "0") != "0" and os.environ.get("ROBUST_TRAIN_RUN_DIR"):
+        return Path(os.environ["ROBUST_TRAIN_RUN_DIR"])
+    run = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+    path = Path(os.environ.get("ROBUST_TRAIN_OUTPUT", "checkpoints")) / recipe / run
+    os.environ["ROBUST_TRAIN_RUN_DIR"] = str(path)
+    return path
+
+
+def run_lightning(recipe: str) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.loggers import WandbLogger
+    from jsonargparse import lazy_instance
+
+    from robust_train.callbacks import AttackAccuracy
+    from robust_train.checkpoint import read_checkpoint
+    from robust_train.data import ImageDataModule
+    from robust_train.methods import RobustModule
+
+    run_dir = run_dir_for(recipe)
+
+    class RobustCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser):
+            parser.link_arguments("data.spec", "model.init_args.data_spec", apply_on="instantiate")
+            parser.add_lightning_class_args(AttackAccuracy, "attack_accuracy")
+            parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+            parser.set_defaults({
+                "model": {"class_path": "robust_train.methods.StandardTraining"},
+                "data": {"class_path": "robust_train.data.MNISTData"},
+                "checkpoint.dirpath": str(run_dir),
+                "checkpoint.monitor": "val/robust_acc",
+                "checkpoint.mode": "max",
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "best-{epoch:03d}-{val/robust_acc:.4f}",
+                "checkpoint.auto_insert_metric_name": False,
+            })
+
+        def _before(self):
+            sub = self.config_init[self.subcommand]
+            ckpt_path = sub.get("ckpt_path")
+            if ckpt_path and str(ckpt_path) not in ("last", "best", "hpc", "registry"):
+                read_checkpoint(ckpt_path)  # a clear error now rather than a traceback from deep in Lightning
+            if "weights_only" in sub and sub.get("weights_only") is None:
+                sub["weights_only"] = True
+            self.model.run_info = {"recipe": recipe, "run_dir": str(run_dir)}
+
+        before_fit = before_validate = before_test = _before
+
+    RobustCLI(
+        RobustModule, ImageDataModule, subclass_mode_model=True, subclass_mode_data=True,
+        trainer_defaults={
+            "default_root_dir": str(run_dir),
+            "inference_mode": False,  # attacks at validate/test time need gradients
+            "logger": lazy_instance(WandbLogger, project="robust_train", name=f"{recipe}/{run_dir.name}",
+                                    save_dir=str(run_dir), offline=not wandb_logged_in()),
+        },
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"exit_on_error": False},
+    )
+
+
+def fail(message: str) -> int:
+    print(f"robust-train: error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] == "evaluate":
+            from robust_train.evaluate import main as evaluate_main
+
+            return evaluate_main(argv[1:])
+        if argv and argv[0] == "recipes":
+            recipes = available_recipes()
+            width = max(map(len, recipes), default=0)
+            for name, path in recipes.items():
+                print(f"{name:<{width}}  {recipe_summary(path)}")
+            return 0
+        argv, recipe = expand_recipe(argv)
+        sys.argv = [sys.argv[0], *argv]
+        run_lightning(recipe)
+        return 0
+    except ConfigError as e:
+        return fail(str(e))
+    except ArgumentError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        return fail(" ".join(lines)[:400] + " (add --help for the accepted options)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""What every data module shares: float images in [0, 1] (NCHW, never normalised: the models do that, so an attack's
+ε is in pixel units), a `spec` the CLI can link into the model before any data is read, a seeded validation split
+carved from the training set, and a fast in-memory dataset that hands the DataLoader whole batches."""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset, Subset, default_collate
+
+from robust_train.errors import ConfigError
+
+BatchTransform = Callable[[torch.Tensor], torch.Tensor]
+
+
+class TensorImageDataset(Dataset):
+    """uint8 images (N, C, H, W) and labels kept in memory. The DataLoader calls `__getitems__` with a whole batch of
+    indices, so a batch costs one tensor gather instead of `batch_size` Python calls: the training loop stays
+    compute-bound on CPU. `__getitem__`/`__len__` stay so that any sampler (DistributedSampler under DDP) works."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, augment: BatchTransform | None = None):
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(f"expected uint8 images (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+        self.images = images
+        self.labels = labels.long()
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.__getitems__([index])
+        return x[0], y[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        x = self.images[idx]
+        if self.augment is not None:
+            x = self.augment(x)  # on uint8: a quarter of the memory traffic of float
+        return x.float().div_(255), self.labels[idx]
+
+
+def collate(batch):
+    """A tuple is a batch `__getitems__` already built; anything else is a list of samples to stack as usual."""
+    return batch if isinstance(batch, tuple) else default_collate(batch)
+
+
+def random_crop_flip(x: torch.Tensor, padding: int = 4) -> torch.Tensor:
+    """The standard CIFAR augmentation for a whole batch: random crop after zero padding, then a random horizontal
+    flip, each image drawing its own offsets. Index arithmetic instead of a Python loop over images."""
+    n, c, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (padding,) * 4)
+    dy = torch.randint(0, 2 * padding + 1, (n, 1))
+    dx = torch.randint(0, 2 * padding + 1, (n, 1))
+    rows = (dy + torch.arange(h))[:, None, :, None]  # (n, 1, h, 1)
+    cols = dx + torch.arange(w)
+    flip = torch.rand(n, 1) < 0.5
+    cols = torch.where(flip, cols.flip(1), cols)[:, None, None, :]  # flipping the column index flips the image
+    return padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
+
+
+class ImageDataModule(LightningDataModule):
+    """Subclasses set the class attributes below (or the same names on the instance in `__init__`, when they depend
+    on the data, as for an image folder) and implement `_make_datasets`."""
+
+    name: str
+    num_classes: int
+    in_channels: int
+    image_size: tuple[int, int]
+    mean: Sequence[float]
+    std: Sequence[float]
+    eps_grid: Sequence[float]
+    class_names: Sequence[str] | None = None
+
+    def __init__(
+        self,
+        root: str | None = None,
+        batch_size: int = 128,
+        val_size: int | None = 1000,
+        seed: int = 0,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+    ):
+        super().__init__()
+        # Collects the subclass's init arguments too (Lightning walks the super().__init__ chain).
+        self.save_hyperparameters()
+        if batch_size <= 0:
+            raise ConfigError(f"batch_size must be positive, got {batch_size}: set --data.batch_size to e.g. 128")
+        if val_size is not None and val_size < 0:
+            raise ConfigError(f"val_size must be >= 0, got {val_size}: set --data.val_size to a number of images")
+        if num_workers < 0:
+            raise ConfigError(f"num_workers must be >= 0, got {num_workers}: set --data.num_workers to 0 or more")
+        self.root = root
+        self.batch_size = batch_size
+        self.val_size = val_size
+        self.seed = seed
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    @property
+    def spec(self) -> dict:
+        # Plain lists, not tuples: the spec ends up in the model's hparams.yaml, which must load with safe_load.
+        return {
+            "name": self.name,
+            "num_classes": int(self.num_classes),
+            "in_channels": int(self.in_channels),
+            "image_size": [int(s) for s in self.image_size],
+            "mean": [float(m) for m in self.mean],
+            "std": [float(s) for s in self.std],
+            "eps_grid": [float(e) for e in self.eps_grid],
+            "class_names": None if self.class_names is None else [str(c) for c in self.class_names],
+        }
+
+    def _make_datasets(self) -> tuple[Dataset, Dataset, Dataset]:
+        """(train, val, test), read from disk. Called once, from `setup`."""
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        # All three sets at once whatever the stage: they are cheap (in memory, or lists of file names), and
+        # `fit` followed by `test` on one module should not read the data twice.
+        if self.train_set is None:
+            self.train_set, self.val_set, self.test_set = self._make_datasets()
+
+    def split_indices(self, n: int, *sizes: int) -> list[torch.Tensor]:
+        """A fixed-seed random partition of range(n): one sorted index tensor per size in `sizes`, then the rest
+        (the training images). The same seed gives the same split on every rank and every run."""
+        if sum(sizes) >= n:
+            raise ConfigError(
+                f"the held-out split ({' + '.join(map(str, sizes))} images) leaves no training images out of {n}: "
+                f"use a smaller --data.val_size"
+            )
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
+        parts = list(torch.split(perm, [*sizes, n - sum(sizes)]))
+        return [p.sort().values for p in parts]
+
+    def tensor_datasets(
+        self,
+        train: tuple[torch.Tensor, torch.Tensor],
+        test: tuple[torch.Tensor, torch.Tensor],
+        augment: BatchTransform | None = None,
+    ) -> tuple[TensorImageDataset, TensorImageDataset, TensorImageDataset]:
+        """Train/val/test for data held in memory as uint8 tensors; only the training part is augmented."""
+        x, y = train
+        val_idx, train_idx = self.split_indices(len(y), self.val_size or 0)
+        return (
+            TensorImageDataset(x[train_idx], y[train_idx], augment),
+            TensorImageDataset(x[val_idx], y[val_idx]),
+            TensorImageDataset(*test),
+        )
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=collate,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._loader(self.test_set, shuffle=False)
+
+    def test_tensors(self, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first n test images (all when n is None) and their labels, always in the same order, so that two
+        evaluations with the same n see the same images."""
+        self.prepare_data()
+        self.setup("test")
+        count = len(self.test_set) if n is None else max(0, min(n, len(self.test_set)))
+        if count == 0:
+            return torch.empty(0, self.in_channels, *self.image_size), torch.empty(0, dtype=torch.long)
+        subset = Subset(self.test_set, range(count))
+        loader = DataLoader(subset, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate)
+        xs, ys = zip(*loader)
+        return torch.cat(xs), torch.cat(ys)

@@ -1,0 +1,151 @@
+"""The LightningModule every training method shares. A method is a small subclass that says two things:
+
+    adversarial_batch(x, y, eps) -> x_adv or None     how it perturbs a training batch
+    training_loss(x, y, x_adv)   -> (loss, logits)    what it minimises (logits feed the training accuracy)
+
+Everything else lives here once: the model from the registry, the ε warm-up, optimiser and schedule, metrics,
+and the checkpoint metadata that lets `robust_train.load` rebuild the classifier without unpickling code.
+Accuracy under attack at validation comes from the AttackAccuracy callback, so `validate`/`test` report it too.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torchmetrics.classification import MulticlassAccuracy
+
+from robust_train.attacks.base import check_eps
+from robust_train.errors import ConfigError
+from robust_train.models import create_model
+
+DEFAULT_SPEC = {"name": "mnist", "num_classes": 10, "in_channels": 1, "image_size": [28, 28],
+                "mean": [0.1307], "std": [0.3081]}
+
+
+class RobustModule(pl.LightningModule):
+    """Base of every training method.
+
+    Args:
+        arch: model name in the registry (`python -m robust_train models` lists them); arch_kwargs: its options.
+        data_spec: the data set's description (classes, channels, normalisation), linked from the data module.
+        eps: the L∞ budget the method trains for, in pixel units of [0, 1] images.
+        eps_warmup_start, eps_warmup_end: ε is 0 before `start` epochs, ramps linearly and is full from `end`
+            (fractional epochs; equal values mean no ramp).
+        attack_bn_mode: BatchNorm mode while crafting training examples ("eval": running statistics, untouched).
+        optimizer, lr, momentum, weight_decay, nesterov: the optimiser.
+        lr_schedule: "constant", "cosine" (per step), "multistep" (×gamma at `milestones` epochs) or "cyclic"
+            (linear up to lr at 2/5 of training, then down to 0: the schedule of fast adversarial training).
+    """
+
+    def __init__(self, arch: str = "small_cnn", arch_kwargs: dict | None = None, data_spec: dict | None = None,
+                 eps: float = 0.3, eps_warmup_start: float = 0.0, eps_warmup_end: float = 0.0,
+                 attack_bn_mode: Literal["eval", "train"] = "eval",
+                 optimizer: Literal["sgd", "adam", "adamw"] = "adam", lr: float = 1e-3, momentum: float = 0.9,
+                 weight_decay: float = 0.0, nesterov: bool = False,
+                 lr_schedule: Literal["constant", "cosine", "multistep", "cyclic"] = "constant",
+                 milestones: list[int] | None = None, gamma: float = 0.1):
+        super().__init__()
+        self.save_hyperparameters()
+        spec = dict(data_spec or DEFAULT_SPEC)
+        check_eps(eps)
+        if not 0 <= eps_warmup_start <= max(eps_warmup_start, eps_warmup_end):
+            raise ConfigError("eps_warmup_start must be >= 0 and <= eps_warmup_end")
+        if lr <= 0:
+            raise ConfigError(f"lr={lr} must be > 0")
+        self.model = create_model(arch, num_classes=spec["num_classes"], in_channels=spec["in_channels"],
+                                  mean=spec["mean"], std=spec["std"], **(arch_kwargs or {}))
+        self.eps = eps
+        self.run_info: dict = {}  # filled by the CLI (recipe name, run folder) and stored in checkpoints
+        n = spec["num_classes"]
+        self.train_acc = MulticlassAccuracy(n, average="micro")
+        self.val_acc = MulticlassAccuracy(n, average="micro")
+        self.test_acc = MulticlassAccuracy(n, average="micro")
+
+    # -- what a method overrides -------------------------------------------------------------------------------
+    def adversarial_batch(self, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor | None:
+        return None
+
+    def training_loss(self, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor | None):
+        logits = self.model(x if x_adv is None else x_adv)
+        return F.cross_entropy(logits, y), logits
+
+    # -- shared machinery ----------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def current_eps(self) -> float:
+        start, end = self.hparams.eps_warmup_start, self.hparams.eps_warmup_end
+        if end <= start or self._trainer is None:
+            return self.eps
+        epoch = self.global_step / max(1, self.trainer.num_training_batches)
+        return self.eps * min(1.0, max(0.0, (epoch - start) / (end - start)))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        eps = self.current_eps()
+        x_adv = self.adversarial_batch(x, y, eps)
+        loss, logits = self.training_loss(x, y, x_adv)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss became {loss.item()} at step {self.global_step}: lower the "
+                                     "learning rate or check the data")
+        self.train_acc(logits.detach(), y)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        self.log("train/eps", eps)
+        return loss
+
+    def _eval_step(self, batch, acc: MulticlassAccuracy, stage: str):
+        x, y = batch
+        logits = self.model(x)
+        acc(logits, y)
+        self.log(f"{stage}/loss", F.cross_entropy(logits, y))
+        self.log(f"{stage}/acc", acc, prog_bar=True)
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch, self.val_acc, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch, self.test_acc, "test")
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        params = self.model.parameters()
+        if hp.optimizer == "sgd":
+            opt = torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay,
+                                  nesterov=hp.nesterov)
+        elif hp.optimizer in ("adam", "adamw"):
+            cls = torch.optim.Adam if hp.optimizer == "adam" else torch.optim.AdamW
+            opt = cls(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        else:
+            raise ConfigError(f"unknown optimizer {hp.optimizer!r}: use sgd, adam or adamw")
+        if hp.lr_schedule == "constant":
+            return opt
+        if hp.lr_schedule == "multistep":
+            sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(hp.milestones or []), gamma=hp.gamma)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        if hp.lr_schedule == "cosine":
+            factor = lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))  # noqa: E731
+        elif hp.lr_schedule == "cyclic":
+            peak = 0.4 * total
+            factor = lambda step: step / peak if step < peak else max(0.0, (total - step) / (total - peak))  # noqa: E731
+        else:
+            raise ConfigError(f"unknown lr_schedule {hp.lr_schedule!r}: use constant, cosine, multistep or cyclic")
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Everything `robust_train.load` needs, in plain types, so checkpoints load with weights_only=True.
+        hp = self.hparams
+        checkpoint["robust_train"] = {
+            "format": 1,
+            "method": type(self).__name__,
+            "arch": hp.arch,
+            "arch_kwargs": dict(hp.arch_kwargs or {}),
+            "data_spec": dict(hp.data_spec or DEFAULT_SPEC),
+            "eps": float(self.eps),
+            **{k: v for k, v in self.run_info.items() if isinstance(v, (str, int, float))},
+        }

@@ -1,0 +1,22 @@
+"""PGD adversarial training (Madry et al., 2018, arXiv:1706.06083): min_θ E max_{‖δ‖∞≤ε} CE(f(x+δ), y), the inner
+max approximated by PGD from a random start; the model is trained on the last iterate."""
+from __future__ import annotations
+
+from robust_train.attacks import PGD
+from robust_train.methods.base import RobustModule
+
+
+class PGDTraining(RobustModule):
+    """Cross-entropy on PGD-`steps` examples of step `step_size` (MNIST as published: 40 × 0.01 at ε 0.3)."""
+
+    def __init__(self, steps: int = 40, step_size: float = 0.01, random_start: bool = True, **kwargs):
+        super().__init__(**kwargs)
+        self.steps, self.step_size, self.random_start = steps, step_size, random_start
+        PGD(self.eps, steps=steps, step_size=step_size)  # validates the arguments at construction time
+
+    def adversarial_batch(self, x, y, eps):
+        if eps == 0:
+            return x
+        attack = PGD(eps, steps=self.steps, step_size=self.step_size, random_start=self.random_start,
+                     keep_best=False, bn_mode=self.hparams.attack_bn_mode)
+        return attack(self.model, x, y)

@@ -1,0 +1,6 @@
+"""Standard (non-adversarial) training: the baseline every robust method is compared with."""
+from robust_train.methods.base import RobustModule
+
+
+class StandardTraining(RobustModule):
+    """Cross-entropy on clean images; `eps` is only the budget its validation attack reports against."""

@@ -1,0 +1,28 @@
+"""TRADES (Zhang et al., 2019, arXiv:1901.08573): CE(f(x), y) + β·KL(f(x) ‖ f(x')), x' maximising the KL term."""
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from robust_train.attacks.trades_kl import TRADESKL, kl_to_clean
+from robust_train.methods.base import RobustModule
+
+
+class TRADESTraining(RobustModule):
+    """β trades clean accuracy for robustness (β = 6 in the paper's CIFAR runs; larger β, more robust)."""
+
+    def __init__(self, beta: float = 6.0, steps: int = 40, step_size: float = 0.01, **kwargs):
+        super().__init__(**kwargs)
+        self.beta, self.steps, self.step_size = beta, steps, step_size
+        TRADESKL(self.eps, steps=steps, step_size=step_size)  # validates the arguments at construction time
+
+    def adversarial_batch(self, x, y, eps):
+        if eps == 0:
+            return x
+        return TRADESKL(eps, steps=self.steps, step_size=self.step_size,
+                        bn_mode=self.hparams.attack_bn_mode)(self.model, x, y)
+
+    def training_loss(self, x, y, x_adv):
+        logits = self.model(x)
+        logits_adv = self.model(x_adv)
+        robust = kl_to_clean(logits_adv, F.softmax(logits, dim=1)).mean()
+        return F.cross_entropy(logits, y) + self.beta * robust, logits

@@ -1,0 +1,6 @@
+"""Models in a registry by name; each maps [0, 1] images to logits and exposes `features` and `head`."""
+from robust_train.models.base import Classifier
+from robust_train.models.registry import MODELS, create_model, register_model
+from robust_train.models import preact_resnet, small_cnn, vgg, wide_resnet  # noqa: F401  (register)
+
+__all__ = ["Classifier", "MODELS", "create_model", "register_model"]

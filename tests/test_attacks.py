@@ -1,0 +1,530 @@
+"""Attacks: threat model (ε-ball, [0, 1]), model state left untouched, loss goes the right way, closed forms on a
+linear model, equivalences between attacks, argument checking, and exact agreement with torchattacks.
+
+Everything runs on tiny models built here (a 2-conv CNN with BatchNorm and Dropout, a linear-softmax model) with
+fixed seeds, in float64 wherever results are compared exactly.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from robust_train.attacks import ATTACKS, BIM, FGSM, MIM, PGD, RandFGSM, attack_loss, create_attack
+from robust_train.errors import ConfigError
+
+NUM_CLASSES = 3
+
+
+# --------------------------------------------------------------------------------------------------- fixtures
+class TinyCNN(nn.Module):
+    """conv-BN-ReLU, strided conv-ReLU, global average pool, dropout, linear: 1x8x8 -> 3 logits."""
+
+    def __init__(self, num_classes: int = NUM_CLASSES):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 8, 3, stride=2, padding=1)
+        self.drop = nn.Dropout(0.25)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.conv1(x)))
+        h = torch.relu(self.conv2(h))
+        return self.fc(self.drop(h.mean(dim=(2, 3))))
+
+
+def linear_model(weight: torch.Tensor, bias: torch.Tensor) -> nn.Module:
+    """logits = W·flatten(x) + b."""
+    lin = nn.Linear(weight.shape[1], weight.shape[0]).to(weight.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(weight)
+        lin.bias.copy_(bias)
+    return nn.Sequential(nn.Flatten(), lin)
+
+
+def toy_data(n: int, seed: int = 0, dtype=torch.float64):
+    """Separable toy images: class 0 has a bright left half, class 1 a bright right half, class 2 a bright top half.
+    One pixel of every image sits exactly on 0 and one on 1, so the [0, 1] box is active."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % NUM_CLASSES
+    x = 0.25 + 0.4 * torch.rand(n, 1, 8, 8, generator=g, dtype=torch.float64)
+    x[y == 0, :, :, :4] += 0.3
+    x[y == 1, :, :, 4:] += 0.3
+    x[y == 2, :, :4, :] += 0.3
+    x = x.clamp(0, 1)
+    x[:, :, 0, 0] = 0.0
+    x[:, :, 7, 7] = 1.0
+    return x.to(dtype), y
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A float64 TinyCNN trained to (near) 100 % on the toy problem, returned in eval mode, with data."""
+    torch.manual_seed(0)
+    model = TinyCNN().double()
+    x, y = toy_data(96, seed=1)
+    opt = torch.optim.Adam(model.parameters(), lr=0.03)
+    model.train()
+    for _ in range(60):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.eval()
+    opt.zero_grad(set_to_none=True)
+    xt, yt = toy_data(24, seed=2)
+    with torch.no_grad():
+        acc = (model(xt).argmax(1) == yt).double().mean().item()
+    assert acc >= 0.95, f"premise: the toy model should be trained, test accuracy {acc}"
+    return model, xt, yt
+
+
+# ------------------------------------------------------------------------------------------------------ cases
+@dataclass
+class Case:
+    id: str
+    name: str  # registry name
+    kwargs: dict = field(default_factory=dict)
+    norm: str = "linf"
+
+    def build(self, eps: float | None = None, **extra):
+        eps = EPS[self.norm] if eps is None else eps
+        return create_attack(self.name, eps=eps, **{**self.kwargs, **extra})
+
+
+EPS = {"linf": 0.1, "l2": 0.5}
+CASES = [
+    Case("fgsm", "fgsm"),
+    Case("rand_fgsm", "rand_fgsm"),
+    Case("bim", "bim", {"steps": 5}),
+    Case("mim", "mim", {"steps": 5}),
+    Case("pgd_linf", "pgd", {"steps": 5}),
+    Case("pgd_l2", "pgd", {"steps": 5, "norm": "l2"}, norm="l2"),
+    Case("pgd_targeted", "pgd", {"steps": 5, "targeted": True}),
+    Case("pgd_margin", "pgd", {"steps": 5, "loss": "margin"}),
+    Case("pgd_restarts", "pgd", {"steps": 5, "restarts": 3}),
+    Case("trades_kl", "trades_kl", {"steps": 5}),
+]
+ITERATIVE = [c for c in CASES if "steps" in c.kwargs]
+by_id = pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+
+
+def target_for(y):
+    return (y + 1) % NUM_CLASSES
+
+
+def run(attack, model, x, y):
+    return attack(model, x, y, target=target_for(y) if attack.targeted else None)
+
+
+def objective(attack, model, x_eval, x_clean, y):
+    """Per-example quantity the attack ascends, evaluated in eval mode."""
+    with torch.no_grad():
+        logits = model(x_eval)
+        if attack.name == "trades_kl":
+            p_clean = F.softmax(model(x_clean), dim=1)
+            return F.kl_div(F.log_softmax(logits, dim=1), p_clean, reduction="none").sum(1)
+        return attack_loss(logits, y, attack.loss, target_for(y) if attack.targeted else None)
+
+
+def test_every_registered_attack_is_covered():
+    assert set(ATTACKS.names()) <= {c.name for c in CASES}, "add a Case for the new attack"
+
+
+# ------------------------------------------------------------------------------------------- threat model
+@by_id
+def test_stays_in_eps_ball_and_box(case):
+    torch.manual_seed(0)
+    model = TinyCNN().eval()
+    x, y = toy_data(16, dtype=torch.float32)
+    x_before = x.clone()
+    attack = case.build()
+    eps = attack.eps
+    x_adv = run(attack, model, x, y)
+
+    assert x_adv.shape == x.shape and x_adv.dtype == x.dtype and not x_adv.requires_grad
+    assert torch.equal(x, x_before), "the input must not be modified in place"
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    delta = (x_adv - x).flatten(1)
+    size = delta.abs().amax(1) if case.norm == "linf" else delta.norm(dim=1)
+    tol = 1e-6 if case.norm == "linf" else 1e-5
+    assert (size <= eps + tol).all(), size.max().item()
+    assert size.max() > 0.5 * eps, "the attack should actually move the input"
+
+
+# -------------------------------------------------------------------------------------- model state restored
+def _set_mode(model, start):
+    if start == "train":
+        model.train()
+    elif start == "eval":
+        model.eval()
+    else:  # mixed: trained model with one submodule frozen in eval
+        model.train()
+        model.bn.eval()
+
+
+@by_id
+@pytest.mark.parametrize("bn_mode", ["eval", "train"])
+@pytest.mark.parametrize("start", ["train", "eval", "mixed"])
+def test_model_state_restored(case, bn_mode, start):
+    torch.manual_seed(0)
+    model = TinyCNN()
+    x, y = toy_data(8, dtype=torch.float32)
+    # Give the BN non-trivial running stats and most parameters a .grad; leave one .grad None, freeze one weight.
+    model.train()
+    model(x * 0.5).sum().backward()
+    model.fc.bias.grad = None
+    model.conv2.weight.requires_grad_(False)
+    model.conv2.weight.grad = None
+    _set_mode(model, start)
+
+    modes = {n: m.training for n, m in model.named_modules()}
+    grads = {n: (None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    assert {"bn.running_mean", "bn.running_var", "bn.num_batches_tracked"} <= set(buffers)
+
+    seen = []  # BN's mode during the attack: proves bn_mode was applied (and that "train" really touched the stats)
+    hook = model.bn.register_forward_pre_hook(lambda m, inp: seen.append(m.training))
+    try:
+        run(case.build(bn_mode=bn_mode), model, x, y)
+    finally:
+        hook.remove()
+
+    assert seen and all(s == (bn_mode == "train") for s in seen)
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    for n, b in model.named_buffers():
+        assert torch.equal(b, buffers[n]), f"buffer {n} changed"
+    for n, p in model.named_parameters():
+        assert p.requires_grad == flags[n], n
+        assert torch.equal(p.detach(), params[n]), n
+        if grads[n] is None:
+            assert p.grad is None, f"{n}.grad was None and must stay None"
+        else:
+            assert p.grad is not None and torch.equal(p.grad, grads[n]), f"{n}.grad changed"
+
+
+# ------------------------------------------------------------------------------------------------ efficacy
+@by_id
+def test_loss_increases_on_trained_model(case, trained):
+    model, x, y = trained
+    attack = case.build()
+    torch.manual_seed(0)
+    x_adv = run(attack, model, x, y)
+    torch.manual_seed(1)
+    if case.norm == "linf":
+        x_rand = (x + attack.eps * torch.randn_like(x).sign()).clamp(0, 1)
+    else:
+        noise = torch.randn_like(x)
+        x_rand = (x + attack.eps * noise / noise.flatten(1).norm(dim=1).view(-1, 1, 1, 1)).clamp(0, 1)
+
+    clean, rand, adv = (objective(attack, model, xe, x, y) for xe in (x, x_rand, x_adv))
+    # The attack beats the clean input and a random perturbation of the same size, on average and per example
+    # for the vast majority.
+    assert adv.mean() > clean.mean() + 1e-3 and adv.mean() > rand.mean() + 1e-3, (clean.mean(), rand.mean(), adv.mean())
+    assert (adv > clean).double().mean() >= 0.9
+    if attack.name != "trades_kl":
+        with torch.no_grad():
+            ce_clean = F.cross_entropy(model(x), y, reduction="none")
+            ce_adv = F.cross_entropy(model(x_adv), y, reduction="none")
+        if attack.targeted:  # targeted: the target class becomes likelier; the true class's CE rises too
+            with torch.no_grad():
+                t = target_for(y)
+                assert (F.cross_entropy(model(x_adv), t, reduction="none")
+                        < F.cross_entropy(model(x), t, reduction="none")).all()
+        assert ce_adv.mean() > ce_clean.mean() + 0.1, (ce_clean.mean(), ce_adv.mean())
+
+
+def test_targeted_pgd_lowers_target_ce(trained):
+    model, x, y = trained
+    t = target_for(y)
+    torch.manual_seed(0)
+    x_adv = PGD(0.15, steps=10, targeted=True)(model, x, y, target=t)
+    with torch.no_grad():
+        before = F.cross_entropy(model(x), t, reduction="none")
+        after = F.cross_entropy(model(x_adv), t, reduction="none")
+        hit = (model(x_adv).argmax(1) == t).double().mean()
+    assert (after < before).all()
+    assert after.mean() < before.mean() - 1.0
+    assert hit > 0.3  # premise check: eps is large enough for the target to win often
+
+
+@pytest.mark.parametrize("attack", [PGD(0.1, targeted=True), FGSM(0.1, targeted=True), MIM(0.1, targeted=True),
+                                    BIM(0.1, targeted=True)], ids=["pgd", "fgsm", "mim", "bim"])
+def test_targeted_without_target_raises(attack, trained):
+    model, x, y = trained
+    with pytest.raises(ValueError, match="target"):
+        attack(model, x, y)
+
+
+# ------------------------------------------------------------------------------- gradients at the [0,1] border
+BORDER_ATTACKS = {
+    "pgd_random_start": lambda eps: PGD(eps, steps=10, keep_best=False),
+    "pgd_restarts_best": lambda eps: PGD(eps, steps=10, restarts=2),
+    "bim": lambda eps: BIM(eps, steps=10),
+    "mim": lambda eps: MIM(eps, steps=10),
+    "fgsm_random_start": lambda eps: FGSM(eps, random_start=True),
+}
+
+
+@pytest.mark.parametrize("side", ["zeros", "ones"])
+@pytest.mark.parametrize("make", list(BORDER_ATTACKS.values()), ids=list(BORDER_ATTACKS))
+def test_gradient_alive_at_box_border(make, side):
+    """Loss grows with every pixel (zeros) or falls with every pixel (ones): every pixel must end ε inside.
+    An implementation that clamps inside the graph (x_adv = clamp(x + δ), gradient w.r.t. δ) leaves pixels whose
+    random start fell outside the box with zero gradient, stuck on the border."""
+    eps, d = 0.1, 16
+    sign = 1.0 if side == "zeros" else -1.0
+    w = torch.stack([-sign * torch.ones(d), sign * torch.ones(d)]).double()
+    model = linear_model(w, torch.zeros(2, dtype=torch.float64))
+    x = torch.full((4, 1, 4, 4), 0.0 if side == "zeros" else 1.0, dtype=torch.float64)
+    y = torch.zeros(4, dtype=torch.long)
+    torch.manual_seed(0)
+    x_adv = make(eps)(model, x, y)
+    expected = torch.full_like(x, eps if side == "zeros" else 1 - eps)
+    torch.testing.assert_close(x_adv, expected, atol=1e-9, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------- closed forms
+@pytest.fixture
+def linear_problem():
+    g = torch.Generator().manual_seed(3)
+    d, n = 16, 8
+    w = torch.randn(NUM_CLASSES, d, generator=g, dtype=torch.float64)
+    b = torch.randn(NUM_CLASSES, generator=g, dtype=torch.float64)
+    x = torch.rand(n, 1, 4, 4, generator=g, dtype=torch.float64)
+    x[:, :, 0, :2] = torch.tensor([0.0, 1.0], dtype=torch.float64)  # on the box border
+    y = torch.randint(0, NUM_CLASSES, (n,), generator=g)
+    return linear_model(w, b), w, b, x, y
+
+
+def _ce_grad(w, b, x, cls):
+    """∇_x CE(Wx + b, cls) = Wᵀ(softmax(Wx + b) − onehot(cls)), by hand."""
+    flat = x.flatten(1)
+    p = torch.softmax(flat @ w.T + b, dim=1)
+    return ((p - F.one_hot(cls, NUM_CLASSES).double()) @ w).view_as(x)
+
+
+def test_fgsm_closed_form_linear(linear_problem):
+    model, w, b, x, y = linear_problem
+    eps = 0.07
+    expected = (x + eps * _ce_grad(w, b, x, y).sign()).clamp(0, 1)
+    torch.testing.assert_close(FGSM(eps)(model, x, y), expected, atol=1e-12, rtol=0)
+    # targeted: descend the target's CE
+    t = target_for(y)
+    expected_t = (x - eps * _ce_grad(w, b, x, t).sign()).clamp(0, 1)
+    torch.testing.assert_close(FGSM(eps, targeted=True)(model, x, y, target=t), expected_t, atol=1e-12, rtol=0)
+
+
+def test_margin_loss_step_closed_form_linear(linear_problem):
+    """One PGD step on the margin max_{j≠y} z_j − z_y moves along sign(W_{j*} − W_y)."""
+    model, w, b, x, y = linear_problem
+    eps = 0.05
+    z = x.flatten(1) @ w.T + b
+    j_star = z.scatter(1, y[:, None], float("-inf")).argmax(1)
+    expected = (x + eps * (w[j_star] - w[y]).sign().view_as(x)).clamp(0, 1)
+    attack = PGD(eps, steps=1, step_size=eps, random_start=False, keep_best=False, loss="margin")
+    torch.testing.assert_close(attack(model, x, y), expected, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("step_size", [0.2, 2.0], ids=["inside", "projected"])
+def test_l2_step_closed_form_linear(linear_problem, step_size):
+    """One L2 step: x + α g/‖g‖, radially projected onto the ε-sphere when α > ε, then clipped to [0, 1]."""
+    model, w, b, x, y = linear_problem
+    eps = 0.5
+    g = _ce_grad(w, b, x, y)
+    unit = g / g.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    expected = (x + min(step_size, eps) * unit).clamp(0, 1)
+    attack = PGD(eps, norm="l2", steps=1, step_size=step_size, random_start=False, keep_best=False)
+    torch.testing.assert_close(attack(model, x, y), expected, atol=1e-12, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------- equivalences
+def test_mim_without_momentum_is_bim(trained):
+    model, x, y = trained
+    mim = MIM(0.1, steps=7, step_size=0.02, decay=0.0)(model, x, y)
+    bim = BIM(0.1, steps=7, step_size=0.02)(model, x, y)
+    assert torch.equal(mim, bim)
+    # ... and momentum does change the result (otherwise the comparison above proves nothing about decay)
+    assert not torch.equal(MIM(0.1, steps=7, step_size=0.02, decay=1.0)(model, x, y), bim)
+
+
+def test_pgd_without_random_start_is_bim(trained):
+    model, x, y = trained
+    pgd = PGD(0.1, steps=7, step_size=0.03, random_start=False, keep_best=False)(model, x, y)
+    bim = BIM(0.1, steps=7, step_size=0.03)(model, x, y)
+    assert torch.equal(pgd, bim)
+    assert BIM(0.1, steps=7).step_size == pytest.approx(0.1 / 7)
+
+
+def test_rand_fgsm_with_zero_alpha_is_fgsm(trained):
+    model, x, y = trained
+    torch.manual_seed(0)
+    r = RandFGSM(0.1, alpha=0.0)(model, x, y)
+    assert torch.equal(r, FGSM(0.1)(model, x, y))
+    torch.manual_seed(0)
+    assert not torch.equal(RandFGSM(0.1, alpha=0.05)(model, x, y), r)
+
+
+# ----------------------------------------------------------------------------------------- keep_best, restarts
+def _success_and_loss(model, x_adv, y):
+    with torch.no_grad():
+        logits = model(x_adv)
+    return logits.argmax(1) != y, F.cross_entropy(logits, y, reduction="none")
+
+
+def test_keep_best_and_restarts_never_worse(trained):
+    model, x, y = trained
+    eps, kw = 0.12, dict(steps=5, step_size=0.06)  # large steps oscillate, so the last iterate is often not the best
+
+    def attack_with_seed(**extra):
+        torch.manual_seed(7)
+        return PGD(eps, **kw, **extra)(model, x, y)
+
+    s_last, l_last = _success_and_loss(model, attack_with_seed(keep_best=False), y)
+    s_best, l_best = _success_and_loss(model, attack_with_seed(keep_best=True), y)
+    s_multi, l_multi = _success_and_loss(model, attack_with_seed(keep_best=True, restarts=4), y)
+    assert 0.1 <= s_last.double().mean() <= 0.9, "premise: the setup must leave room to improve"
+
+    # Per example: a success is never lost; without success, the loss is never lower.
+    assert (s_best >= s_last).all() and (s_multi >= s_best).all()
+    assert (l_best[~s_best & ~s_last] >= l_last[~s_best & ~s_last] - 1e-12).all()
+    assert (l_multi[~s_multi & ~s_best] >= l_best[~s_multi & ~s_best] - 1e-12).all()
+    # On this fixed setup restarts do find more (so the comparisons above are not vacuous).
+    assert s_multi.sum() > s_last.sum()
+
+
+def test_keep_best_returns_strongest_iterate(trained):
+    """Without random start the iterates are BIM's; keep_best must return, per example, the highest-loss successful
+    iterate if any, else the highest-loss one (first one on ties) among x_0 = x, x_1, ..., x_k."""
+    model, x, y = trained
+    eps, alpha, k = 0.12, 0.07, 5
+    iterates = [x] + [BIM(eps, steps=t, step_size=alpha)(model, x, y) for t in range(1, k + 1)]
+    stats = [_success_and_loss(model, it, y) for it in iterates]
+    success = torch.stack([s for s, _ in stats])  # (k+1, N)
+    loss = torch.stack([l for _, l in stats])
+    key = torch.where(success.any(0, keepdim=True), loss.masked_fill(~success, -math.inf), loss)
+    pick = key.argmax(0)
+    expected = torch.stack(iterates)[pick, torch.arange(len(y))]
+    assert len(set(pick.tolist())) > 1, "premise: different examples peak at different iterates"
+    got = PGD(eps, steps=k, step_size=alpha, random_start=False, keep_best=True)(model, x, y)
+    assert torch.equal(got, expected)
+
+
+# --------------------------------------------------------------------------------------------- argument checks
+@by_id
+def test_zero_eps_returns_input(case, trained):
+    model, x, y = trained
+    x_adv = run(case.build(eps=0.0), model, x, y)
+    assert torch.equal(x_adv, x) and x_adv.data_ptr() != x.data_ptr()
+
+
+@by_id
+def test_invalid_eps_raises(case):
+    bad = [-0.1, math.nan, math.inf] + ([1.5] if case.norm == "linf" else [])
+    for eps in bad:
+        with pytest.raises(ConfigError, match="eps"):
+            case.build(eps=eps)
+    if case.norm == "l2":
+        assert case.build(eps=1.5).eps == 1.5  # an L2 radius above 1 is legitimate
+
+
+@pytest.mark.parametrize("case", ITERATIVE, ids=[c.id for c in ITERATIVE])
+def test_invalid_steps_and_step_size_raise(case):
+    for bad in ({"steps": 0}, {"steps": -3}, {"step_size": 0.0}, {"step_size": -0.1}, {"step_size": math.nan}):
+        with pytest.raises(ConfigError):
+            case.build(**bad)
+
+
+def test_other_invalid_arguments_raise(trained):
+    model, x, y = trained
+    with pytest.raises(ConfigError):
+        PGD(0.1, restarts=0)
+    with pytest.raises(ConfigError, match="norm"):
+        PGD(0.1, norm="l1")
+    with pytest.raises(ConfigError, match="loss"):
+        PGD(0.1, loss="hinge")
+    with pytest.raises(ConfigError, match="alpha"):
+        RandFGSM(0.1, alpha=0.2)
+    with pytest.raises(ConfigError, match="bn_mode"):
+        PGD(0.1, bn_mode="frozen")(model, x, y)
+    assert not model.training
+
+
+def test_create_attack_unknown_name():
+    with pytest.raises(ConfigError) as info:
+        create_attack("nope", eps=0.1)
+    for name in ATTACKS.names():
+        assert name in str(info.value)
+    assert isinstance(create_attack("pgd", eps=0.1, steps=3), PGD)
+
+
+# ----------------------------------------------------------------------------------------- grad-mode contexts
+def test_inference_mode_raises_clear_error(trained):
+    model, x, y = trained
+    with torch.inference_mode():
+        with pytest.raises(RuntimeError, match="inference"):
+            PGD(0.1, steps=2)(model, x, y)
+
+
+@pytest.mark.parametrize("make", [lambda: PGD(0.1, steps=3), lambda: FGSM(0.1), lambda: MIM(0.1, steps=3)],
+                         ids=["pgd", "fgsm", "mim"])
+def test_no_grad_still_works(make, trained):
+    model, x, y = trained
+    torch.manual_seed(0)
+    expected = make()(model, x, y)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        got = make()(model, x, y)
+        assert not torch.is_grad_enabled()  # the caller's grad mode is restored
+    assert torch.equal(got, expected) and not torch.equal(got, x)
+
+
+# ------------------------------------------------------------------------------------------ torchattacks parity
+torchattacks = pytest.importorskip("torchattacks")
+
+
+@pytest.fixture
+def parity(trained):
+    """The trained float64 CNN and a batch of 8 (a power of two: torchattacks averages the loss, we sum it, and
+    the factor 1/8 is exact in floating point, so even MI-FGSM's gradient normalisation matches bit for bit)."""
+    model, x, y = trained
+    return model, x[:8], y[:8]
+
+
+@pytest.mark.parametrize("start", ["eval", "train"])
+def test_matches_torchattacks(parity, start):
+    model, x, y = parity
+    model.train(start == "train")  # torchattacks switches to eval for the attack; ours does too (bn_mode="eval")
+    try:
+        pairs = {
+            "fgsm": (FGSM(0.1), torchattacks.FGSM(model, eps=0.1)),
+            "bim": (BIM(0.1, steps=7, step_size=0.02), torchattacks.BIM(model, eps=0.1, alpha=0.02, steps=7)),
+            "pgd": (PGD(0.1, steps=7, step_size=0.03, random_start=False, keep_best=False),
+                    torchattacks.PGD(model, eps=0.1, alpha=0.03, steps=7, random_start=False)),
+            "mim": (MIM(0.1, steps=7, step_size=0.02, decay=1.0),
+                    torchattacks.MIFGSM(model, eps=0.1, alpha=0.02, steps=7, decay=1.0)),
+            "mim_half": (MIM(0.1, steps=7, step_size=0.02, decay=0.5),
+                         torchattacks.MIFGSM(model, eps=0.1, alpha=0.02, steps=7, decay=0.5)),
+        }
+        for name, (ours, theirs) in pairs.items():
+            a, b = ours(model, x, y), theirs(x, y)
+            assert model.training == (start == "train")
+            assert not torch.equal(a, x), name
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=0, msg=name)
+    finally:
+        model.eval()
+
+
+def test_targeted_pgd_matches_torchattacks(parity):
+    model, x, y = parity
+    t = target_for(y)
+    theirs = torchattacks.PGD(model, eps=0.1, alpha=0.03, steps=7, random_start=False)
+    theirs.set_mode_targeted_by_function(lambda images, labels: (labels + 1) % NUM_CLASSES, quiet=True)
+    ours = PGD(0.1, steps=7, step_size=0.03, random_start=False, keep_best=False, targeted=True)
+    torch.testing.assert_close(ours(model, x, y, target=t), theirs(x, y), atol=1e-10, rtol=0)
