@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
-import zipfile
 from pathlib import Path
 
 import torch
@@ -27,10 +26,13 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
-        raise ConfigError(f"checkpoint {path} was refused: it needs arbitrary unpickling, which could run code "
-                          f"({reason[:120]}); only load checkpoints you trust with plain torch.load") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        unsafe = [ln.strip() for ln in str(e).splitlines() if "global" in ln.lower()]
+        if not unsafe:  # torch reports garbage bytes as an unpickling error too
+            raise ConfigError(f"checkpoint {path} is corrupt or truncated; use another checkpoint, e.g. last.ckpt "
+                              "of the same run") from None
+        raise ConfigError(f"checkpoint {path} was refused: loading it would run code ({unsafe[0][:100]}); "
+                          "robust_train only loads weights (torch.load weights_only=True)") from None
+    except Exception as e:  # noqa: BLE001  (truncated zips, garbage bytes, empty files all end up here)
         raise ConfigError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}); "
                           "use another checkpoint, e.g. last.ckpt of the same run") from None
     if not isinstance(ckpt, dict) or "robust_train" not in ckpt or "state_dict" not in ckpt:

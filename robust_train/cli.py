@@ -8,6 +8,7 @@ Mistakes (unknown names, out-of-range values, missing files) end with one line o
 """
 from __future__ import annotations
 
+import logging
 import netrc
 import os
 import secrets
@@ -111,6 +112,8 @@ def run_lightning(recipe: str) -> None:
     from robust_train.methods import RobustModule
 
     run_dir = run_dir_for(recipe)
+    # "Seed set to 0" on stderr would precede a one-line error; the seed is in the saved config.yaml anyway.
+    logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
 
     class RobustCLI(LightningCLI):
         def add_arguments_to_parser(self, parser):
@@ -128,11 +131,17 @@ def run_lightning(recipe: str) -> None:
                 "checkpoint.auto_insert_metric_name": False,
             })
 
+        def _parse_ckpt_path(self):
+            # Check the file before Lightning reads hyper-parameters from it (and before the Trainer prints
+            # anything): a clear one-line error instead of a traceback from torch.load.
+            if self.config.get("subcommand"):
+                ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
+                if ckpt_path and str(ckpt_path) not in ("last", "best", "hpc", "registry"):
+                    read_checkpoint(ckpt_path)
+            super()._parse_ckpt_path()
+
         def _before(self):
             sub = self.config_init[self.subcommand]
-            ckpt_path = sub.get("ckpt_path")
-            if ckpt_path and str(ckpt_path) not in ("last", "best", "hpc", "registry"):
-                read_checkpoint(ckpt_path)  # a clear error now rather than a traceback from deep in Lightning
             if "weights_only" in sub and sub.get("weights_only") is None:
                 sub["weights_only"] = True
             self.model.run_info = {"recipe": recipe, "run_dir": str(run_dir)}
@@ -150,6 +159,20 @@ def run_lightning(recipe: str) -> None:
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"exit_on_error": False},
     )
+
+
+def config_error_in_chain(exc: BaseException) -> ConfigError | None:
+    """jsonargparse wraps errors raised while instantiating classes; find ours among the causes."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        if isinstance(e, ConfigError):
+            return e
+        seen.add(id(e))
+        todo += [e.__cause__, e.__context__]
+    return None
 
 
 def fail(message: str) -> int:
@@ -174,11 +197,17 @@ def main(argv: list[str] | None = None) -> int:
         sys.argv = [sys.argv[0], *argv]
         run_lightning(recipe)
         return 0
-    except ConfigError as e:
-        return fail(str(e))
     except ArgumentError as e:
+        cause = config_error_in_chain(e)
+        if cause is not None:
+            return fail(str(cause))
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         return fail(" ".join(lines)[:400] + " (add --help for the accepted options)")
+    except Exception as e:
+        cause = config_error_in_chain(e)
+        if cause is None:
+            raise
+        return fail(str(cause))
 
 
 if __name__ == "__main__":

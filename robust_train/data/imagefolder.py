@@ -59,7 +59,7 @@ class ImageFolderData(ImageDataModule):
         try:
             self.class_names, _ = find_classes(str(self.train_dir))
         except FileNotFoundError as e:
-            raise ConfigError(f"no class folders under {self.train_dir}: put each class's images in a sub-folder") from e
+            raise ConfigError(f"no class folders under {self.train_dir}: put each class's images in a folder") from e
         self.num_classes = len(self.class_names)
         self.image_size = (image_size, image_size)
         self.mean, self.std = tuple(mean), tuple(std)

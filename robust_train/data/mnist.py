@@ -68,6 +68,10 @@ class MNISTData(ImageDataModule):
         pin_memory: bool = False,
     ):
         super().__init__(root, batch_size, val_size, seed, num_workers, pin_memory)
+        raw = Path(root).expanduser() / "MNIST" / "raw" if root is not None else None
+        if raw is not None and not raw.is_dir():  # fail before the Trainer starts, not after it printed a page
+            raise ConfigError(f"MNIST not found under {root} (torchvision expects {raw}/): "
+                              "leave --data.root unset to use the bundled MNIST")
 
     def _make_datasets(self) -> tuple[TensorImageDataset, TensorImageDataset, TensorImageDataset]:
         if self.root is None:

@@ -1,0 +1,118 @@
+"""The command line end to end, as a user runs it: fit a few batches, validate and evaluate the checkpoint, load it."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import robust_train
+from robust_train.cli import available_recipes
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2",
+        "--data.init_args.batch_size", "32", "--attack_accuracy.steps", "2", "--trainer.enable_progress_bar",
+        "false", "--trainer.enable_model_summary", "false"]
+
+
+def run(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONWARNINGS": "ignore",
+                **(env or {})}
+    return subprocess.run([sys.executable, "-m", "robust_train", *args], capture_output=True, text=True,
+                          env=full_env, cwd=cwd or REPO, timeout=600)
+
+
+def test_recipes_command_lists_every_recipe_with_a_description():
+    out = run("recipes")
+    assert out.returncode == 0, out.stderr
+    names = {line.split()[0] for line in out.stdout.splitlines() if line.strip()}
+    assert {"standard", "fgsm", "fgsm_rs", "pgd", "trades", "pgd_cifar10", "trades_cifar10"} <= names
+    assert all(len(line.split(maxsplit=1)) == 2 for line in out.stdout.splitlines() if line.strip())
+
+
+@pytest.mark.parametrize("recipe", sorted(available_recipes()))
+def test_every_recipe_parses(recipe):
+    out = run("fit", "--recipe", recipe, "--print_config")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "class_path: robust_train.methods." in out.stdout
+    assert "inference_mode: false" in out.stdout
+
+
+def test_flags_override_the_recipe():
+    out = run("fit", "--recipe", "pgd", "--trainer.max_epochs", "3", "--data.init_args.batch_size", "16",
+              "--print_config")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "max_epochs: 3" in out.stdout and "batch_size: 16" in out.stdout
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """`fit --recipe pgd` on a few batches with the default WandbLogger (offline): checkpoints and a wandb run."""
+    out_dir = tmp_path_factory.mktemp("runs")
+    res = run("fit", "--recipe", "pgd", *TINY, "--model.init_args.steps", "2",
+              env={"ROBUST_TRAIN_OUTPUT": str(out_dir)})
+    assert res.returncode == 0, res.stderr[-3000:]
+    (run_dir,) = list((out_dir / "pgd").iterdir())
+    return run_dir
+
+
+def test_fit_writes_checkpoints_config_and_an_offline_wandb_run(trained_run):
+    assert (trained_run / "last.ckpt").is_file()
+    best = list(trained_run.glob("best-*.ckpt"))
+    assert len(best) == 1
+    assert (trained_run / "config.yaml").is_file()
+    assert list((trained_run / "wandb").glob("offline-run-*")), "no offline wandb run was written"
+    ckpt = torch.load(trained_run / "last.ckpt", weights_only=True)
+    assert ckpt["robust_train"]["recipe"] == "pgd" and ckpt["robust_train"]["method"] == "PGDTraining"
+
+
+def test_validate_reports_robust_accuracy(trained_run, tmp_path):
+    res = run("validate", "--recipe", "pgd", "--ckpt_path", str(trained_run / "last.ckpt"),
+              "--trainer.limit_val_batches", "2", "--data.init_args.batch_size", "32", "--attack_accuracy.steps",
+              "2", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+              env={"ROBUST_TRAIN_OUTPUT": str(tmp_path)})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "val/robust_acc" in res.stdout and "val/acc" in res.stdout
+
+
+def test_test_subcommand_reports_robust_accuracy_with_default_inference_mode_override(trained_run, tmp_path):
+    res = run("test", "--recipe", "pgd", "--ckpt_path", str(trained_run / "last.ckpt"),
+              "--trainer.limit_test_batches", "2", "--data.init_args.batch_size", "32", "--attack_accuracy.steps",
+              "2", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+              "--trainer.inference_mode", "true", env={"ROBUST_TRAIN_OUTPUT": str(tmp_path)})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "test/robust_acc" in res.stdout
+
+
+def test_evaluate_writes_a_report_with_per_example_worst_case(trained_run, tmp_path):
+    res = run("evaluate", "--ckpt", str(trained_run / "last.ckpt"), "--n", "64", "--eps", "0,0.1,0.3",
+              "--attacks", "pgd,pgd_margin,fgsm", "--steps", "3", "--out", str(tmp_path / "report"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    for key in ("checkpoint", "recipe", "dataset", "n_examples", "clean_accuracy", "attacks", "robust_accuracy"):
+        assert key in report
+    assert report["recipe"] == "pgd" and report["dataset"] == "mnist" and report["n_examples"] == 64
+    for row in report["attacks"]:
+        assert {"attack", "norm", "eps", "steps", "step_size", "restarts", "accuracy"} <= set(row)
+    assert set(report["robust_accuracy"]) == {"0", "0.1", "0.3"}
+    assert report["robust_accuracy"]["0"] == pytest.approx(report["clean_accuracy"])
+    for eps, worst in report["robust_accuracy"].items():
+        per_attack = [r["accuracy"] for r in report["attacks"] if f"{r['eps']:g}" == eps]
+        assert worst <= min(per_attack) + 1e-9
+    assert (tmp_path / "report" / "report.md").read_text().count("|") > 10
+    assert "worst case" in res.stdout
+
+
+def test_load_returns_a_plain_eval_module_that_matches_the_checkpoint(trained_run):
+    model = robust_train.load(trained_run / "last.ckpt")
+    assert isinstance(model, torch.nn.Module) and not model.training
+    ckpt = torch.load(trained_run / "last.ckpt", weights_only=True)
+    state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    x = torch.rand(4, 1, 28, 28)
+    logits = model(x)
+    assert logits.shape == (4, 10)
