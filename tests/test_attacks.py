@@ -21,6 +21,16 @@ NUM_CLASSES = 3
 
 
 # --------------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared CPU a descheduled OpenMP thread stalls
+    every op (seen: 100x slower); one thread keeps this file at a few seconds. Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class TinyCNN(nn.Module):
     """conv-BN-ReLU, strided conv-ReLU, global average pool, dropout, linear: 1x8x8 -> 3 logits."""
 

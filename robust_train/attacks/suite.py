@@ -24,6 +24,9 @@ PRESETS: dict[str, Callable[..., Attack]] = {
     "pgd": lambda eps, steps=None, restarts=None: PGD(eps, steps=steps or 100, restarts=restarts or 1),
     "pgd_margin": lambda eps, steps=None, restarts=None: PGD(eps, steps=steps or 100, restarts=restarts or 1,
                                                              loss="margin"),
+    # The MNIST tables of Boopathy et al. (ICML 2020): 200 steps of 0.01 from a random start.
+    "pgd200": lambda eps, steps=None, restarts=None: PGD(eps, steps=steps or 200, step_size=0.01,
+                                                         restarts=restarts or 1),
     "pgd_l2": lambda eps, steps=None, restarts=None: PGD(eps, norm="l2", steps=steps or 100,
                                                          restarts=restarts or 1),
 }

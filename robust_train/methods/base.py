@@ -51,7 +51,7 @@ class RobustModule(pl.LightningModule):
         self.save_hyperparameters()
         spec = dict(data_spec or DEFAULT_SPEC)
         check_eps(eps)
-        if not 0 <= eps_warmup_start <= max(eps_warmup_start, eps_warmup_end):
+        if eps_warmup_start < 0 or eps_warmup_end < eps_warmup_start:
             raise ConfigError("eps_warmup_start must be >= 0 and <= eps_warmup_end")
         if lr <= 0:
             raise ConfigError(f"lr={lr} must be > 0")
