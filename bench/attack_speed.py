@@ -90,12 +90,14 @@ def forward_fn(model, x):
     return run
 
 
-def timed(fn, sync) -> float:
+def timed(fn, sync) -> tuple[float, float]:
+    """(wall ms, process CPU ms). With one intra-op thread the CPU time leaves out the time the process waited for
+    a core, so on a shared machine it is the steadier measure of the work done (on a GPU only wall time counts)."""
     sync()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     fn()
     sync()
-    return (time.perf_counter() - t0) * 1e3
+    return (time.perf_counter() - t0) * 1e3, (time.process_time() - c0) * 1e3
 
 
 def bench_model(label, model, shape, batch, eps, alpha, steps, repeats, warmup, device, profile):
@@ -122,11 +124,15 @@ def bench_model(label, model, shape, batch, eps, alpha, steps, repeats, warmup, 
         for n in names:
             methods[n]()
     times = {n: [] for n in names}
+    cpu = {n: [] for n in names}
     for r in range(repeats):
         order = names[r % len(names):] + names[:r % len(names)]  # rotate so no method always runs first
         for n in order:
-            times[n].append(timed(methods[n], sync))
+            wall_ms, cpu_ms = timed(methods[n], sync)
+            times[n].append(wall_ms)
+            cpu[n].append(cpu_ms)
     med = {n: statistics.median(v) for n, v in times.items()}
+    med_cpu = {n: statistics.median(v) for n, v in cpu.items()}
 
     def paired(num, den):
         """Median over repeats of the ratio within a repeat (the methods of one repeat run back to back, so
@@ -150,7 +156,12 @@ def bench_model(label, model, shape, batch, eps, alpha, steps, repeats, warmup, 
         "efficiency_eval_vs_its_floor": statistics.median(limit_eval) / med["ours_eval"],
         "overhead_per_step_ms": (med["ours_train"] - med["limit"]) / steps,
         "min_ms": {n: min(v) for n, v in times.items()},
+        "cpu_median_ms": med_cpu,
+        "cpu_efficiency_train": med_cpu["limit"] / med_cpu["ours_train"],
+        "cpu_speedup_train": med_cpu["torchattacks"] / med_cpu["ours_train"],
+        "cpu_efficiency_eval": med_cpu["limit"] / med_cpu["ours_eval"],
         "times_ms": times,
+        "cpu_times_ms": cpu,
     }
     if profile:
         row["profile"] = profile_breakdown(methods, sync)
@@ -218,6 +229,13 @@ def print_table(rows, info):
               f"{r['paired_speedup_train']:.3f}x | eval: efficiency {r['paired_efficiency_eval']:.3f}, "
               f"vs its own floor (limit + 1 forward = {r['limit_ms'] + r['forward_ms']:.1f} ms) "
               f"{r['efficiency_eval_vs_its_floor']:.3f}")
+    if not info["device"].startswith("cuda"):
+        print("process CPU time (medians; excludes waiting for a core, meaningful with --threads 1):")
+        for r in rows:
+            c = r["cpu_median_ms"]
+            print(f"  {r['model']:<26} ours {c['ours_train']:.1f} / limit {c['limit']:.1f} / torchattacks "
+                  f"{c['torchattacks']:.1f} ms: train efficiency {r['cpu_efficiency_train']:.3f}, speedup "
+                  f"{r['cpu_speedup_train']:.3f}x; eval efficiency {r['cpu_efficiency_eval']:.3f}")
     print("keep_best scores the final iterate with one extra forward per restart, by design; the goal is for the "
           "train config.")
 

@@ -172,7 +172,7 @@ def _set_mode(model, start):
         model.train()
     elif start == "eval":
         model.eval()
-    else:  # mixed: trained model with one submodule frozen in eval
+    else:  # mixed: train mode with one submodule (the BatchNorm) in eval
         model.train()
         model.bn.eval()
 
@@ -199,14 +199,19 @@ def test_model_state_restored(case, bn_mode, start):
     buffers = {n: b.clone() for n, b in model.named_buffers()}
     assert {"bn.running_mean", "bn.running_var", "bn.num_batches_tracked"} <= set(buffers)
 
-    seen = []  # BN's mode during the attack: proves bn_mode was applied (and that "train" really touched the stats)
-    hook = model.bn.register_forward_pre_hook(lambda m, inp: seen.append(m.training))
+    # BN's mode and batch counter during the attack: proves bn_mode was applied and, for "train", that the attack
+    # really moved the running statistics (so the restore below is what keeps them unchanged).
+    seen, counts = [], []
+    hooks = [model.bn.register_forward_pre_hook(lambda m, inp: seen.append(m.training)),
+             model.bn.register_forward_hook(lambda m, inp, out: counts.append(m.num_batches_tracked.item()))]
     try:
         run(case.build(bn_mode=bn_mode), model, x, y)
     finally:
-        hook.remove()
+        for h in hooks:
+            h.remove()
 
     assert seen and all(s == (bn_mode == "train") for s in seen)
+    assert (max(counts) > buffers["bn.num_batches_tracked"].item()) == (bn_mode == "train")
     assert {n: m.training for n, m in model.named_modules()} == modes
     for n, b in model.named_buffers():
         assert torch.equal(b, buffers[n]), f"buffer {n} changed"
@@ -234,9 +239,9 @@ def test_loss_increases_on_trained_model(case, trained):
         x_rand = (x + attack.eps * noise / noise.flatten(1).norm(dim=1).view(-1, 1, 1, 1)).clamp(0, 1)
 
     clean, rand, adv = (objective(attack, model, xe, x, y) for xe in (x, x_rand, x_adv))
-    # The attack beats the clean input and a random perturbation of the same size, on average and per example
-    # for the vast majority.
-    assert adv.mean() > clean.mean() + 1e-3 and adv.mean() > rand.mean() + 1e-3, (clean.mean(), rand.mean(), adv.mean())
+    # The attack beats the clean input and a random perturbation of the same size clearly on average (the weakest,
+    # RAND-FGSM, gains ~0.38 here; random noise gains < 0.02), and per example for the vast majority.
+    assert adv.mean() > clean.mean() + 0.25 and adv.mean() > rand.mean() + 0.25, (clean.mean(), rand.mean(), adv.mean())
     assert (adv > clean).double().mean() >= 0.9
     if attack.name != "trades_kl":
         with torch.no_grad():
@@ -247,7 +252,7 @@ def test_loss_increases_on_trained_model(case, trained):
                 t = target_for(y)
                 assert (F.cross_entropy(model(x_adv), t, reduction="none")
                         < F.cross_entropy(model(x), t, reduction="none")).all()
-        assert ce_adv.mean() > ce_clean.mean() + 0.1, (ce_clean.mean(), ce_adv.mean())
+        assert ce_adv.mean() > ce_clean.mean() + 0.25, (ce_clean.mean(), ce_adv.mean())
 
 
 def test_targeted_pgd_lowers_target_ce(trained):
