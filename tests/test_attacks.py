@@ -118,6 +118,8 @@ CASES = [
     Case("pgd_margin", "pgd", {"steps": 5, "loss": "margin"}),
     Case("pgd_restarts", "pgd", {"steps": 5, "restarts": 3}),
     Case("trades_kl", "trades_kl", {"steps": 5}),
+    Case("pgd_cosine", "pgd", {"steps": 5, "step_size": 0.1, "step_schedule": "cosine"}),
+    Case("pgd_multitargeted", "pgd_targeted", {"steps": 5, "targets": 2}),
 ]
 ITERATIVE = [c for c in CASES if "steps" in c.kwargs]
 by_id = pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
@@ -565,3 +567,27 @@ def test_targeted_pgd_matches_torchattacks(parity):
     theirs.set_mode_targeted_by_function(lambda images, labels: (labels + 1) % NUM_CLASSES, quiet=True)
     ours = PGD(0.1, steps=7, step_size=0.03, random_start=False, keep_best=False, targeted=True)
     torch.testing.assert_close(ours(model, x, y, target=t), theirs(x, y), atol=1e-10, rtol=0)
+
+
+def test_cosine_schedule_starts_at_step_size_and_decays_to_zero():
+    attack = create_attack("pgd", eps=0.3, steps=10, step_size=0.3, step_schedule="cosine")
+    steps = [attack.step_at(t) for t in range(10)]
+    assert steps[0] == pytest.approx(0.3) and steps[5] == pytest.approx(0.15)
+    assert all(a > b for a, b in zip(steps, steps[1:])) and steps[-1] > 0
+    with pytest.raises(ConfigError):
+        create_attack("pgd", eps=0.3, step_schedule="linear")
+
+
+def test_multitargeted_pgd_with_more_targets_breaks_a_superset():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, NUM_CLASSES)).double()
+    x = torch.rand(64, 3, 8, 8, dtype=torch.float64)
+    y = model(x).argmax(1)  # all correct at the start
+    broken = {}
+    for k in (1, NUM_CLASSES - 1):
+        torch.manual_seed(1)
+        x_adv = create_attack("pgd_targeted", eps=0.02, steps=10, targets=k)(model, x, y)
+        assert (x_adv - x).abs().max() <= 0.02 + 1e-9
+        broken[k] = model(x_adv).argmax(1) != y
+    assert 0 < broken[1].sum() <= broken[NUM_CLASSES - 1].sum() < 64
+    assert (broken[NUM_CLASSES - 1] | ~broken[1]).all(), "every example broken with 1 target stays broken with more"

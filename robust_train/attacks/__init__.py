@@ -4,9 +4,10 @@ from robust_train.attacks.registry import ATTACKS, create_attack
 from robust_train.attacks.fgsm import FGSM
 from robust_train.attacks.rand_fgsm import RandFGSM
 from robust_train.attacks.pgd import PGD
+from robust_train.attacks.pgd_targeted import MultiTargetedPGD
 from robust_train.attacks.bim import BIM
 from robust_train.attacks.mim import MIM
 from robust_train.attacks.trades_kl import TRADESKL
 
-__all__ = ["Attack", "ATTACKS", "BIM", "FGSM", "MIM", "PGD", "RandFGSM", "TRADESKL", "attack_loss", "attack_mode",
+__all__ = ["Attack", "ATTACKS", "BIM", "FGSM", "MIM", "MultiTargetedPGD", "PGD", "RandFGSM", "TRADESKL", "attack_loss", "attack_mode",
            "create_attack", "project"]

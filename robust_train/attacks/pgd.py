@@ -3,11 +3,15 @@ restarts, targeted or not, on cross-entropy or the margin loss. Evaluation keeps
 iterate seen over all steps and restarts (a misclassified one first, else the highest loss)."""
 from __future__ import annotations
 
+import math
+from typing import Literal
+
 import torch
 
 from robust_train.attacks.base import (Attack, attack_loss, check_positive, input_gradient, project,
                                        random_start, steepest_step)
 from robust_train.attacks.registry import register_attack
+from robust_train.errors import ConfigError
 
 
 @register_attack("pgd")
@@ -16,6 +20,8 @@ class PGD(Attack):
 
     Args:
         steps: iterations (default 10). step_size: α (default 2.5·ε/steps, Madry et al.'s rule).
+        step_schedule: "constant" (α every step) or "cosine" (α·½(1 + cos(πt/T)): large exploratory steps
+            first, fine ones last; with α = ε it is much stronger than a constant small step on robust models).
         restarts: independent random starts; the best per example is kept.
         keep_best: return each example's strongest iterate instead of the last one (one extra forward per
             restart); on by default, off inside training where the last iterate is what the recipes specify.
@@ -26,8 +32,12 @@ class PGD(Attack):
     name = "pgd"
 
     def __init__(self, eps: float, *, steps: int = 10, step_size: float | None = None, random_start: bool = True,
-                 restarts: int = 1, keep_best: bool = True, **kwargs):
+                 restarts: int = 1, keep_best: bool = True,
+                 step_schedule: Literal["constant", "cosine"] = "constant", **kwargs):
         super().__init__(eps, **kwargs)
+        if step_schedule not in ("constant", "cosine"):
+            raise ConfigError(f"step_schedule={step_schedule!r}: use 'constant' or 'cosine'")
+        self.step_schedule = step_schedule
         self.steps = int(check_positive("steps", steps))
         self.restarts = int(check_positive("restarts", restarts))
         self.step_size = 2.5 * self.eps / self.steps if step_size is None else check_positive("step_size", step_size)
@@ -40,11 +50,11 @@ class PGD(Attack):
         box = ((x - self.eps).clamp(0.0, 1.0), (x + self.eps).clamp(0.0, 1.0)) if self.norm == "linf" else None
         for _ in range(self.restarts):
             x_adv = random_start(x, self.eps, self.norm) if self.random_start else x
-            for _ in range(self.steps):
+            for t in range(self.steps):
                 grad, logits, losses = input_gradient(model, x_adv, y, self.loss, target)
                 if best is not None:
                     best.update(x_adv, logits, losses, y, target)
-                x_adv = steepest_step(x_adv, grad, self.step_size, self.norm)
+                x_adv = steepest_step(x_adv, grad, self.step_at(t), self.norm)
                 x_adv = torch.clamp(x_adv, *box) if box is not None else project(x_adv, x, self.eps, self.norm)
             if best is None:
                 return x_adv
@@ -53,8 +63,13 @@ class PGD(Attack):
                 best.update(x_adv, logits, attack_loss(logits, y, self.loss, target), y, target)
         return best.x
 
+    def step_at(self, t: int) -> float:
+        if self.step_schedule == "constant":
+            return self.step_size
+        return self.step_size * 0.5 * (1 + math.cos(math.pi * t / self.steps))
+
     def describe(self) -> dict:
-        return {**super().describe(), "random_start": self.random_start}
+        return {**super().describe(), "random_start": self.random_start, "step_schedule": self.step_schedule}
 
 
 class _Best:
