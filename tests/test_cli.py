@@ -26,6 +26,13 @@ def run(*args: str, env: dict | None = None, cwd: Path | None = None) -> subproc
                           env=full_env, cwd=cwd or REPO, timeout=600)
 
 
+def test_console_script_is_installed():
+    from importlib.metadata import entry_points
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "robust-train"]
+    assert script.value == "robust_train.cli:main"
+
+
 def test_recipes_command_lists_every_recipe_with_a_description():
     out = run("recipes")
     assert out.returncode == 0, out.stderr
