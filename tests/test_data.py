@@ -81,7 +81,10 @@ def test_per_item_access_and_samplers_still_work():
 
 
 def test_mnist_wrong_root_is_config_error(tmp_path):
-    dm = MNISTData(root=str(tmp_path / "nowhere"))
+    with pytest.raises(ConfigError, match="bundled MNIST"):  # at construction, before the Trainer starts
+        MNISTData(root=str(tmp_path / "nowhere"))
+    (tmp_path / "empty" / "MNIST" / "raw").mkdir(parents=True)
+    dm = MNISTData(root=str(tmp_path / "empty"))  # the folder exists but holds no MNIST files
     with pytest.raises(ConfigError, match="bundled MNIST"):
         dm.setup()
 
