@@ -101,12 +101,11 @@ def run_dir_for(recipe: str) -> Path:
 
 
 def run_lightning(recipe: str) -> None:
-    from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.cli import LightningCLI
     from lightning.pytorch.loggers import WandbLogger
     from jsonargparse import lazy_instance
 
-    from robust_train.callbacks import AttackAccuracy
+    from robust_train.callbacks import AttackAccuracy, RobustCheckpoint
     from robust_train.checkpoint import read_checkpoint
     from robust_train.data import ImageDataModule
     from robust_train.methods import RobustModule
@@ -119,7 +118,7 @@ def run_lightning(recipe: str) -> None:
         def add_arguments_to_parser(self, parser):
             parser.link_arguments("data.spec", "model.init_args.data_spec", apply_on="instantiate")
             parser.add_lightning_class_args(AttackAccuracy, "attack_accuracy")
-            parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+            parser.add_lightning_class_args(RobustCheckpoint, "checkpoint")
             parser.set_defaults({
                 "model": {"class_path": "robust_train.methods.StandardTraining"},
                 "data": {"class_path": "robust_train.data.MNISTData"},

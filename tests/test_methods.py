@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from robust_train.attacks import FGSM
-from robust_train.callbacks import AttackAccuracy
+from robust_train.callbacks import AttackAccuracy, RobustCheckpoint
 from robust_train.data import MNISTData
 from robust_train.methods import (METHODS, FastFGSMTraining, FGSMTraining, PGDTraining, RobustModule,
                                   StandardTraining, TRADESTraining)
@@ -126,3 +126,15 @@ def test_pgd_training_rejects_zero_steps():
         PGDTraining(steps=0)
     with pytest.raises(ConfigError):
         TRADESTraining(steps=0)
+
+
+def test_last_checkpoint_follows_every_epoch_even_when_the_monitor_stops_improving(mnist, tmp_path):
+    # A standard model's robust accuracy at eps 0.3 stays 0: no new best after epoch 0, yet last.ckpt must move on.
+    ckpt = RobustCheckpoint(dirpath=tmp_path, monitor="val/robust_acc", mode="max", save_last=True,
+                            filename="{epoch}")
+    trainer = pl.Trainer(max_epochs=3, limit_train_batches=2, limit_val_batches=1, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         callbacks=[AttackAccuracy(eps=[1.0], steps=1), ckpt])
+    trainer.fit(make("StandardTraining"), datamodule=mnist)
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["epoch"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch=0.ckpt", "last.ckpt"]
