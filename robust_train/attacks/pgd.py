@@ -45,17 +45,13 @@ class PGD(Attack):
 
     def perturb(self, model, x, y, target):
         best = _Best(x) if (self.keep_best or self.restarts > 1) else None
-        # L∞: projecting onto the ε-box and then clipping to [0, 1] is one clamp to [clip(x − ε), clip(x + ε)] (the
-        # same numbers as `project`), with the bounds computed once instead of five elementwise ops per step.
-        box = ((x - self.eps).clamp(0.0, 1.0), (x + self.eps).clamp(0.0, 1.0)) if self.norm == "linf" else None
         for _ in range(self.restarts):
             x_adv = random_start(x, self.eps, self.norm) if self.random_start else x
             for t in range(self.steps):
                 grad, logits, losses = input_gradient(model, x_adv, y, self.loss, target)
                 if best is not None:
                     best.update(x_adv, logits, losses, y, target)
-                x_adv = steepest_step(x_adv, grad, self.step_at(t), self.norm)
-                x_adv = torch.clamp(x_adv, *box) if box is not None else project(x_adv, x, self.eps, self.norm)
+                x_adv = project(steepest_step(x_adv, grad, self.step_at(t), self.norm), x, self.eps, self.norm)
             if best is None:
                 return x_adv
             with torch.no_grad():
