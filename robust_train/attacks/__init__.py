@@ -8,6 +8,8 @@ from robust_train.attacks.pgd_targeted import MultiTargetedPGD
 from robust_train.attacks.bim import BIM
 from robust_train.attacks.mim import MIM
 from robust_train.attacks.trades_kl import TRADESKL
+from robust_train.attacks.aai import AAI
+from robust_train.attacks.pgd_discrepancy import DiscrepancyPGD
 
-__all__ = ["Attack", "ATTACKS", "BIM", "FGSM", "MIM", "MultiTargetedPGD", "PGD", "RandFGSM", "TRADESKL", "attack_loss", "attack_mode",
+__all__ = ["AAI", "Attack", "ATTACKS", "BIM", "DiscrepancyPGD", "FGSM", "MIM", "MultiTargetedPGD", "PGD", "RandFGSM", "TRADESKL", "attack_loss", "attack_mode",
            "create_attack", "project"]

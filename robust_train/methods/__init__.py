@@ -5,8 +5,11 @@ from robust_train.methods.fgsm import FGSMTraining
 from robust_train.methods.fgsm_rs import FastFGSMTraining
 from robust_train.methods.pgd import PGDTraining
 from robust_train.methods.trades import TRADESTraining
+from robust_train.methods.int import IntAdvTraining, IntOneClassTraining, IntTraining
+from robust_train.methods.int2 import Int2AdvTraining, Int2Training
 
 METHODS = {cls.__name__: cls for cls in (StandardTraining, FGSMTraining, FastFGSMTraining, PGDTraining,
-                                         TRADESTraining)}
+                                         TRADESTraining, IntTraining, IntAdvTraining, IntOneClassTraining,
+                                         Int2Training, Int2AdvTraining)}
 
 __all__ = ["METHODS", "RobustModule", *METHODS]

@@ -1,0 +1,60 @@
+"""Interpretability-aware robust training, Int (Boopathy et al., ICML 2020, "Proper Network Interpretability
+Helps Adversarial Robustness in Classification"): keep the class activation maps of x and of nearby x' alike.
+
+    min_θ  CE(f(x̂), y) + λ·mean D̃(x, x*),   x* = PGD maximising D̃ (Int) or CE(x') + λD̃ (Int-Adv)
+
+x̂ is x for Int and x* for the -Adv variants. D̃ is robust_train.interpret.discrepancy (CAMs of every class,
+weighted by the adversarial softmax); the one-class variant keeps the true-class term only. λ = 0.01 is the
+authors' value for every data set; the maps are differentiated through in the outer loss (CAM is linear in the
+features, so this double use costs one more forward, not a second-order backward).
+"""
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from robust_train.attacks.pgd_discrepancy import DiscrepancyPGD
+from robust_train.interpret.discrepancy import interpretation_discrepancy
+from robust_train.methods.base import RobustModule
+
+
+class IntTraining(RobustModule):
+    """Int: inner PGD maximises D̃; outer loss CE at x plus λ·D̃ (set `adv` for CE at x*, i.e. Int-Adv)."""
+
+    adv = False        # cross-entropy at the adversarial point (the -Adv variants)
+    one_class = False  # D̃ with the true-class term only (Int-one-class)
+
+    def __init__(self, lam: float = 0.01, steps: int = 40, step_size: float = 0.01, **kwargs):
+        super().__init__(**kwargs)
+        self.lam, self.steps, self.step_size = lam, steps, step_size
+        self.inner_attack(self.eps)  # validates the arguments at construction time
+
+    def inner_attack(self, eps: float):
+        return DiscrepancyPGD(eps, steps=self.steps, step_size=self.step_size, lam=max(self.lam, 1e-12),
+                              at_adv=self.adv, one_class=self.one_class, bn_mode=self.hparams.attack_bn_mode)
+
+    def adversarial_batch(self, x, y, eps):
+        if eps == 0:
+            return x
+        return self.inner_attack(eps)(self.model, x, y)
+
+    def training_loss(self, x, y, x_adv):
+        target = x_adv if self.adv else x
+        logits = self.model(target)
+        loss = F.cross_entropy(logits, y)
+        if self.lam > 0:
+            d = interpretation_discrepancy(self.model, x, x_adv, y, one_class=self.one_class).mean()
+            self.log("train/discrepancy", d.detach())
+            loss = loss + self.lam * d
+        return loss, logits
+
+
+class IntAdvTraining(IntTraining):
+    """Int-Adv: inner PGD maximises CE(x') + λD̃, outer CE at x* + λD̃."""
+
+    adv = True
+
+
+class IntOneClassTraining(IntTraining):
+    """Int-one-class: D̃ reduced to the true class's map (the paper's ablation; far less robust)."""
+
+    one_class = True

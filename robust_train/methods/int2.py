@@ -1,0 +1,25 @@
+"""Int2 (Boopathy et al., ICML 2020): the inner maximisation is plain PGD on cross-entropy, cheaper and in the
+paper more robust than Int's, and the outer loss keeps the interpretation discrepancy:
+
+    min_θ  CE(f(x̂), y) + λ·mean D̃(x, x*),   x* = PGD maximising CE(f(x'), y)
+
+x̂ is x for Int2 and x* for Int2-Adv, the headline recipe (`fit --recipe int2_adv`).
+"""
+from __future__ import annotations
+
+from robust_train.attacks import PGD
+from robust_train.methods.int import IntTraining
+
+
+class Int2Training(IntTraining):
+    """Int2: CE-PGD examples, outer CE at x plus λ·D̃(x, x*)."""
+
+    def inner_attack(self, eps: float):
+        return PGD(eps, steps=self.steps, step_size=self.step_size, keep_best=False,
+                   bn_mode=self.hparams.attack_bn_mode)
+
+
+class Int2AdvTraining(Int2Training):
+    """Int2-Adv: CE-PGD examples, outer CE at x* plus λ·D̃(x, x*)."""
+
+    adv = True
