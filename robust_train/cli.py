@@ -105,7 +105,7 @@ def run_lightning(recipe: str) -> None:
     from lightning.pytorch.loggers import WandbLogger
     from jsonargparse import lazy_instance
 
-    from robust_train.callbacks import AttackAccuracy, RobustCheckpoint
+    from robust_train.callbacks import AttackAccuracy, MapStability, RobustCheckpoint
     from robust_train.checkpoint import read_checkpoint
     from robust_train.data import ImageDataModule
     from robust_train.methods import RobustModule
@@ -118,6 +118,7 @@ def run_lightning(recipe: str) -> None:
         def add_arguments_to_parser(self, parser):
             parser.link_arguments("data.spec", "model.init_args.data_spec", apply_on="instantiate")
             parser.add_lightning_class_args(AttackAccuracy, "attack_accuracy")
+            parser.add_lightning_class_args(MapStability, "map_stability")  # cheap defaults: every 5 epochs, 50 steps
             parser.add_lightning_class_args(RobustCheckpoint, "checkpoint")
             parser.set_defaults({
                 "model": {"class_path": "robust_train.methods.StandardTraining"},

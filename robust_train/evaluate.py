@@ -2,23 +2,59 @@
 
 Robust accuracy at each ε is the per-example worst case over every attack run (an example counts as robust only
 if no attack broke it), not the minimum of the per-attack means, which would overstate robustness.
+
+The report also measures how far an attack moves the model's interpretation map (Boopathy et al., ICML 2020; see
+`robust_train.interpret.stability`): for each ε > 0 and each stability attack, Kendall's τ-b between the clean and
+the adversarial true-class map at feature resolution and the top-k overlap, averaged over the first
+`stability_n` images whose predicted label the attack did not change (`n_used` says how many; constant maps,
+whose τ is undefined, are counted in `n_constant` and left out). The stability attacks are
+
+* `aai`: the attack against interpretability, 200 steps of 0.01 from a random start on the map's top-k mass
+  (the authors' evaluation, methods.md §9), attacking the same map and k that are measured;
+* `pgd`: a plain L∞ PGD on cross-entropy, 40 steps of 2.5·ε/40 from a random start, last iterate (Madry et al.'s
+  step rule; not the suite's 100-step cosine PGD, whose job is breaking labels, not comparing maps);
+* any other preset of `robust_train.attacks.suite` by name (e.g. `pgd200`, the paper's 200 steps of 0.01).
+
+With an output folder, pictures are saved beside report.md (each PNG written atomically, before the report that
+links them): `gallery.png`, the first images clean and attacked at every ε with the CAM of the predicted class, and
+`transition.png`, one targeted PGD run (MNIST: a 7 driven to 9) with the CAMs of the true and target class at
+each stage. When a wandb run is active in the process, the pictures and the stability table are logged to it.
 """
 from __future__ import annotations
 
 import argparse
+import functools
+import inspect
 import json
 import logging
+import math
+import numbers
+import sys
 import time
 from fractions import Fraction
 from pathlib import Path
+from typing import Callable, Sequence
 
+import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
-from robust_train.attacks.base import check_eps
-from robust_train.attacks.suite import DEFAULT_SUITE, EXTERNAL, build_attack
+from robust_train.attacks.aai import AAI
+from robust_train.attacks.base import Attack, attack_mode, check_eps
+from robust_train.attacks.pgd import PGD
+from robust_train.attacks.suite import DEFAULT_SUITE, EXTERNAL, PRESETS, build_attack
 from robust_train.checkpoint import atomic_write_text, classifier_from_checkpoint, read_checkpoint
 from robust_train.errors import ConfigError
+from robust_train.interpret.registry import MAPS
+
+STABILITY_ATTACKS = ("aai", "pgd")
+AAI_STEPS, AAI_STEP_SIZE = 200, 0.01  # Boopathy et al.'s evaluation, MNIST and CIFAR alike
+STABILITY_PGD_STEPS = 40
+MAIN_EPS = {"mnist": 0.3, "cifar10": 8 / 255}  # the transition picture's ε when the checkpoint was trained at ε = 0
+TRANSITION = {"mnist": (7, 9)}  # (true class, target) of the transition picture, when such an image is evaluated
+TRANSITION_STEPS = 40
+PICTURE_FILES = ("gallery.png", "transition.png")
 
 
 def parse_eps(text: str) -> list[float]:
@@ -72,14 +108,201 @@ def run_autoattack(model, x, y, eps, batch_size, device, version, seed) -> tuple
                                       "targeted": False}
 
 
+def finite_or_none(value):
+    """NaN and ±inf -> None (JSON null); anything else unchanged."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def json_safe(obj):
+    """A copy of a report in which every non-finite float is None, so `json.dumps(..., allow_nan=False)` works
+    (plain `json.dumps` writes NaN, which is not JSON)."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return finite_or_none(obj)
+
+
+def has_feature_map(model: nn.Module) -> bool:
+    """Whether the model keeps the Classifier contract that maps need: `features`, a linear `head` after GAP."""
+    return (callable(getattr(model, "features", None)) and isinstance(getattr(model, "head", None), nn.Linear)
+            and callable(getattr(model, "logits_from_features", None)))
+
+
+def differentiable_map(map_fn: Callable) -> Callable:
+    """The map with `create_graph=True` when it takes that argument (Grad-CAM, saliency, IG, ...), so that an
+    attack can descend through it; CAM is differentiable as it is."""
+    try:
+        takes_graph = "create_graph" in inspect.signature(map_fn).parameters
+    except (TypeError, ValueError):
+        takes_graph = False
+    return functools.partial(map_fn, create_graph=True) if takes_graph else map_fn
+
+
+def build_stability_attack(name: str, eps: float, steps: int | None = None, map_fn: Callable | None = None,
+                           k: int = 8) -> Attack:
+    """The attack `name` as used for map stability (see the module docstring); steps=None keeps its default."""
+    if name == "aai":
+        return AAI(eps, k=k, steps=steps or AAI_STEPS, step_size=AAI_STEP_SIZE, map_fn=map_fn)
+    if name == "pgd":
+        return PGD(eps, steps=steps or STABILITY_PGD_STEPS, keep_best=False)
+    if name in PRESETS:
+        return build_attack(name, eps, steps)
+    known = ", ".join(["aai", "pgd", *sorted(n for n in PRESETS if n != "pgd")])
+    raise ConfigError(f"unknown stability attack {name!r}: choose from {known}, or none")
+
+
+def check_stability_options(stability_attacks: Sequence[str], stability_n: int, stability_steps: int | None,
+                            map_name: str, topk: int, n_pictures: int) -> None:
+    """Every mistake in the stability and picture options as a ConfigError, before any work."""
+    for label, value in (("--stability-n", stability_n), ("--topk", topk), ("--n-pictures", n_pictures)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+            raise ConfigError(f"{label} {value!r} must be a positive integer")
+    if stability_steps is not None and (isinstance(stability_steps, bool)
+                                        or not isinstance(stability_steps, numbers.Integral) or stability_steps <= 0):
+        raise ConfigError(f"--stability-steps {stability_steps!r} must be a positive integer (or left out for "
+                          "each attack's default)")
+    MAPS.get(map_name)  # unknown map names fail with the known ones listed
+    for name in stability_attacks:
+        build_stability_attack(name, 0.0, stability_steps, None, topk)
+
+
+def check_map_cells(model: nn.Module, x: torch.Tensor, y: torch.Tensor, map_name: str, topk: int) -> None:
+    """ConfigError when k exceeds the number of cells of this model's maps (one map of one image tells)."""
+    if len(x):
+        with attack_mode(model, "eval"):
+            cells = MAPS.get(map_name)(model, x[:1], y[:1]).flatten(1).shape[1]
+        if topk > cells:
+            raise ConfigError(f"--topk {topk} is larger than the {cells} cells of a {map_name} map of this model")
+
+
+def measure_stability(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Callable, map_fn: Callable,
+                      k: int, batch_size: int, bar=None) -> dict:
+    """Attack x in batches and aggregate τ and top-k overlap over all of them (`aggregate_stability`): one row's
+    {"kendall_tau", "topk_intersection", "n_used", "n_total", "n_constant"}, NaN means when no image is usable."""
+    from robust_train.interpret.stability import aggregate_stability, stability_per_image  # scipy: ~1 s to import
+
+    taus, tops, same = [np.empty(0)], [np.empty(0)], [np.empty(0, dtype=bool)]
+    for i in range(0, len(x), batch_size):
+        xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+        tau, top, unchanged = stability_per_image(model, xb, yb, attack(model, xb, yb), map_fn, k)
+        taus.append(tau)
+        tops.append(top)
+        same.append(unchanged)
+        if bar is not None:
+            bar.update(1)
+    return aggregate_stability(np.concatenate(taus), np.concatenate(tops), np.concatenate(same))
+
+
+def stability_rows(model, x, y, grid, names, map_name, topk, steps, batch_size, progress) -> list[dict]:
+    """report["map_stability"]: one row per (stability attack, ε > 0), over the images x."""
+    map_fn = MAPS.get(map_name)
+    positive = [e for e in grid if e > 0]
+    if positive and names:
+        check_map_cells(model, x, y, map_name, topk)
+    n_batches = -(-len(x) // batch_size)
+    rows = []
+    bar = tqdm(total=len(positive) * len(names) * n_batches, desc="map stability", unit="batch",
+               disable=not progress or not positive or not names)
+    for name in names:
+        for e in positive:
+            t0 = time.perf_counter()
+            bar.set_postfix_str(f"{name} eps={e:g}")
+            attack = build_stability_attack(name, e, steps, differentiable_map(map_fn), topk)
+            stats = measure_stability(model, x, y, attack, map_fn, topk, batch_size, bar)
+            rows.append({"map": map_name, "attack": name, "eps": e,
+                         **{key: finite_or_none(v) for key, v in stats.items()},
+                         "k": topk, "steps": attack.steps, "step_size": attack.step_size,
+                         "seconds": round(time.perf_counter() - t0, 2)})
+    bar.close()
+    return rows
+
+
+def transition_choice(model, x, y, clean, dataset, num_classes) -> tuple[int, int]:
+    """(index into x, target class) for the transition picture: on MNIST (10 classes) a correctly classified 7
+    driven to 9 when one is among x; otherwise the first correctly classified image (else the first) driven to
+    its most likely wrong class, i.e. its second most likely one."""
+    if dataset in TRANSITION and num_classes == 10:
+        source, target = TRANSITION[dataset]
+        hits = (y == source).nonzero().flatten().tolist()
+        right = [i for i in hits if bool(clean[i])]
+        if right or hits:
+            return (right or hits)[0], target
+    correct = clean.nonzero().flatten().tolist()
+    index = correct[0] if correct else 0
+    with torch.no_grad():
+        logits = model(x[index:index + 1])[0].clone()
+    logits[int(y[index])] = float("-inf")
+    return index, int(logits.argmax())
+
+
+def make_pictures(model, x, y, clean, grid, attack_name, steps, restarts, info, out: Path, n_pictures: int,
+                  seed: int) -> tuple[dict, dict]:
+    """Save gallery.png and transition.png into `out`; returns ({file name: Figure}, settings for the report)."""
+    from robust_train.interpret.figures import attack_gallery, transition_figure  # matplotlib: only when needed
+
+    spec = info["data_spec"]
+    class_names, dataset = spec.get("class_names"), spec.get("name")
+    figures, settings = {}, {}
+    torch.manual_seed(seed)
+    eps_list = [0.0, *(e for e in grid if e > 0)]
+    count = min(n_pictures, len(x))
+    figures["gallery.png"] = attack_gallery(model, x[:count], y[:count], eps_list,
+                                            lambda e: build_attack(attack_name, e, steps, restarts),
+                                            class_names=class_names, path=out / "gallery.png")
+    settings["gallery"] = {"file": "gallery.png", "attack": attack_name, "eps": eps_list, "images": count}
+
+    index, target = transition_choice(model, x, y, clean, dataset, int(spec.get("num_classes", 0)))
+    eps = float(info.get("eps") or 0) or MAIN_EPS.get(dataset) or max(grid, default=0.0) or 0.3
+    figures["transition.png"], _ = transition_figure(model, x[index:index + 1], y[index:index + 1], target, eps,
+                                                     TRANSITION_STEPS, class_names=class_names,
+                                                     path=out / "transition.png")
+    settings["transition"] = {"file": "transition.png", "index": index, "label": int(y[index]), "target": target,
+                              "eps": eps, "steps": TRANSITION_STEPS, "step_size": 2.5 * eps / TRANSITION_STEPS}
+    return figures, settings
+
+
+def log_to_wandb(report: dict, figures: dict) -> bool:
+    """Log the pictures and the stability table to the active wandb run, if there is one; never starts a run.
+    A run can only be active if wandb was imported, so wandb is looked up in sys.modules, never imported here."""
+    wandb = sys.modules.get("wandb")
+    run = getattr(wandb, "run", None) if wandb is not None else None
+    if run is None:
+        return False
+    from robust_train.interpret.figures import figure_to_array
+
+    payload = {f"evaluate/{name.rsplit('.', 1)[0]}": wandb.Image(figure_to_array(fig), caption=name)
+               for name, fig in figures.items()}
+    if report.get("map_stability"):
+        columns = ["map", "attack", "eps", "kendall_tau", "topk_intersection", "n_used", "n_total", "n_constant",
+                   "steps", "step_size"]
+        payload["evaluate/map_stability"] = wandb.Table(
+            columns=columns, data=[[row.get(c) for c in columns] for row in report["map_stability"]])
+    if payload:
+        run.log(payload)
+    return True
+
+
 def evaluate(ckpt_path: str, attacks: list[str] | None = None, eps: list[float] | None = None, n: int = 1000,
              batch_size: int = 250, device: str | None = None, data_root: str | None = None,
-             steps: int | None = None, restarts: int | None = None, seed: int = 0, progress: bool = True) -> dict:
-    """Run the suite and return the report as a dict (see `write_report`)."""
+             steps: int | None = None, restarts: int | None = None, seed: int = 0, progress: bool = True,
+             stability_attacks: Sequence[str] = STABILITY_ATTACKS, stability_n: int = 200,
+             stability_steps: int | None = None, map_name: str = "cam", topk: int = 8, pictures: bool = True,
+             n_pictures: int = 6, out: str | Path | None = None) -> dict:
+    """Run the suite, the map-stability attacks and (with `out`) the pictures; return the report as a dict (see
+    `write_report`, which writes it into the same folder).
+
+    stability_attacks: names (see the module docstring; empty disables), run on the first `stability_n` of the n
+    images at each ε > 0; stability_steps: their iterations (None: AAI 200, PGD 40); map_name/topk: the
+    interpretation map (`robust_train.interpret.MAPS`) and k of the top-k overlap (and of AAI). pictures: save
+    `n_pictures` images as gallery.png and a transition.png into `out` (no pictures without `out`).
+    """
     attacks = list(attacks or DEFAULT_SUITE)
     for name in attacks:
         if name not in EXTERNAL:
             build_attack(name, 0.0, steps, restarts)  # unknown names fail before any work
+    stability_attacks = list(stability_attacks or ())
+    check_stability_options(stability_attacks, stability_n, stability_steps, map_name, topk, n_pictures)
     ckpt = read_checkpoint(ckpt_path)
     info = ckpt["robust_train"]
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -87,6 +310,9 @@ def evaluate(ckpt_path: str, attacks: list[str] | None = None, eps: list[float] 
     grid = list(eps if eps is not None else info["data_spec"].get("eps_grid") or [info["eps"]])
     x, y = build_datamodule(ckpt, data_root).test_tensors(n)
     x, y = x.to(device), y.to(device)
+    maps_ok = has_feature_map(model)
+    if maps_ok and stability_attacks and any(e > 0 for e in grid):
+        check_map_cells(model, x, y, map_name, topk)  # before the long attacks, not after
     torch.manual_seed(seed)
 
     clean = predictions(model, x, batch_size) == y
@@ -120,7 +346,21 @@ def evaluate(ckpt_path: str, attacks: list[str] | None = None, eps: list[float] 
             worst &= correct
         robust[f"{e:g}"] = worst.float().mean().item()
     bar.close()
-    return {
+
+    notes, stability, figures, picture_settings = [], [], {}, {}
+    if not maps_ok and (stability_attacks or (pictures and out is not None)):
+        notes.append(f"{type(model).__name__} has no `features`/linear `head` (the Classifier contract), so no "
+                     "interpretation maps: map stability and pictures were skipped.")
+    if maps_ok and stability_attacks:
+        torch.manual_seed(seed)  # the stability numbers do not depend on which accuracy attacks ran before
+        count = min(stability_n, len(x))
+        stability = stability_rows(model, x[:count], y[:count], grid, stability_attacks, map_name, topk,
+                                   stability_steps, batch_size, progress)
+    if maps_ok and pictures and out is not None and len(x):
+        gallery_attack = next((a for a in attacks if a not in EXTERNAL), "pgd")
+        figures, picture_settings = make_pictures(model, x, y, clean, grid, gallery_attack, steps, restarts, info,
+                                                  Path(out), n_pictures, seed)
+    report = {
         "checkpoint": str(ckpt_path),
         "recipe": info.get("recipe", "unknown"),
         "method": info.get("method"),
@@ -132,9 +372,15 @@ def evaluate(ckpt_path: str, attacks: list[str] | None = None, eps: list[float] 
         "clean_accuracy": clean.float().mean().item(),
         "attacks": rows,
         "robust_accuracy": robust,
+        "map_stability": stability,
+        "pictures": list(figures),
+        "picture_settings": picture_settings,
+        "notes": notes,
         "device": str(device),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+    log_to_wandb(report, figures)
+    return report
 
 
 def format_table(report: dict) -> str:
@@ -149,15 +395,79 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(report: dict, out: Path) -> None:
-    table = format_table(report)
+def _number(value, digits: int = 3) -> str:
+    return "–" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.{digits}f}"
+
+
+def format_stability_table(report: dict) -> str:
+    """Rows: stability attack × map; columns: ε; cells "τ / top-k (n used)". Empty when nothing was measured."""
+    rows = report.get("map_stability") or []
+    if not rows:
+        return ""
+    eps_cols = list(dict.fromkeys(f"{r['eps']:g}" for r in rows))
+    keys = list(dict.fromkeys((r["attack"], r["map"]) for r in rows))
+    by = {(r["attack"], r["map"], f"{r['eps']:g}"): r for r in rows}
+    header = ["attack", "map", *(f"ε={e}" for e in eps_cols)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for attack, map_name in keys:
+        cells = [attack, map_name]
+        for e in eps_cols:
+            r = by.get((attack, map_name, e))
+            cells.append("" if r is None else
+                         f"{_number(r['kendall_tau'])} / {_number(r['topk_intersection'])} (n={r['n_used']})")
+        lines.append("| " + " | ".join(cells) + " |")
+    first = rows[0]
+    legend = (f"Cells: mean Kendall τ-b / mean top-{first.get('k', 8)} intersection between the clean and the "
+              f"adversarial true-class map at feature resolution, over n of the {first['n_total']} images whose "
+              f"label the attack did not change (constant maps left out; – when none is left).")
+    return legend + "\n\n" + "\n".join(lines)
+
+
+def format_markdown(report: dict) -> str:
     md = (f"# Evaluation of `{report['checkpoint']}`\n\n"
           f"Recipe `{report['recipe']}` ({report['method']}, {report['arch']}) on {report['dataset']}: "
           f"{report['n_examples']} test images, clean accuracy **{report['clean_accuracy']:.4f}**.\n\n"
           f"Accuracy under each attack; the last column counts an image as robust only if no attack broke it.\n\n"
-          f"{table}\n\nAttack settings are in report.json. Device {report['device']}, {report['date']}.\n")
-    atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
-    atomic_write_text(out / "report.md", md)
+          f"{format_table(report)}\n")
+    stability = format_stability_table(report)
+    if stability:
+        md += f"\n## Interpretation-map stability\n\n{stability}\n"
+    settings = report.get("picture_settings") or {}
+    if report.get("pictures"):
+        md += "\n## Pictures\n"
+        gallery = settings.get("gallery")
+        if gallery:
+            md += (f"\nThe first {gallery['images']} images, clean (ε = 0) and attacked by `{gallery['attack']}` "
+                   f"(a fresh run) at each ε; below each, the CAM of the predicted class (red title: wrong).\n\n"
+                   f"![attack gallery]({gallery['file']})\n")
+        transition = settings.get("transition")
+        if transition:
+            md += (f"\nTest image {transition['index']} (class {transition['label']}) driven to class "
+                   f"{transition['target']} by a targeted L∞ PGD at ε = {transition['eps']:g} "
+                   f"({transition['steps']} steps); rows: the image, the CAM of the true class, the CAM of the "
+                   f"target.\n\n![targeted transition]({transition['file']})\n")
+    for note in report.get("notes") or []:
+        md += f"\nNote: {note}\n"
+    md += f"\nAttack settings are in report.json. Device {report['device']}, {report['date']}.\n"
+    return md
+
+
+def write_report(report: dict, out: Path) -> None:
+    """report.json (strict JSON: NaN written as null) and report.md, each written atomically; pictures, if any,
+    were already saved into the same folder by `evaluate`."""
+    out = Path(out)
+    atomic_write_text(out / "report.json", json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
+    atomic_write_text(out / "report.md", format_markdown(report))
+
+
+def parse_stability_attacks(text: str) -> list[str]:
+    """'aai,pgd' -> ['aai', 'pgd']; 'none' (or nothing) -> []."""
+    names = [a.strip() for a in text.split(",") if a.strip()]
+    if [a.lower() for a in names] in ([], ["none"]):
+        return []
+    if any(a.lower() == "none" for a in names):
+        raise ConfigError(f"--stability-attacks {text!r}: give attack names, or 'none' alone")
+    return names
 
 
 def main(argv: list[str]) -> int:
@@ -176,17 +486,42 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--device", default=None)
     parser.add_argument("--data-root", default=None, help="where the test set lives, if not where it was trained")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stability-attacks", default=",".join(STABILITY_ATTACKS),
+                        help="attacks under which interpretation-map stability (Kendall τ, top-k overlap) is "
+                             f"measured at each ε > 0 (default {','.join(STABILITY_ATTACKS)}; 'none' disables)")
+    parser.add_argument("--stability-n", type=int, default=200,
+                        help="map stability on the first N of the evaluated images (default 200, as the paper)")
+    parser.add_argument("--stability-steps", type=int, default=None,
+                        help=f"iterations of the stability attacks (default: AAI {AAI_STEPS}, "
+                             f"PGD {STABILITY_PGD_STEPS})")
+    parser.add_argument("--map", default="cam", help="interpretation map for stability (default cam; known: "
+                                                     f"{', '.join(MAPS.names())})")
+    parser.add_argument("--topk", type=int, default=8, help="k of the top-k overlap and of AAI (default 8)")
+    parser.add_argument("--n-pictures", type=int, default=6, help="images in gallery.png (default 6)")
+    parser.add_argument("--no-pictures", action="store_true", help="write no gallery.png / transition.png")
     parser.error = lambda message: (_ for _ in ()).throw(ConfigError(f"evaluate: {message}"))  # one line, exit 2
     args = parser.parse_args(argv)
     if args.n <= 0 or args.batch_size <= 0:
         raise ConfigError("--n and --batch-size must be positive integers")
+    stability_attacks = parse_stability_attacks(args.stability_attacks)
+    check_stability_options(stability_attacks, args.stability_n, args.stability_steps, args.map, args.topk,
+                            args.n_pictures)  # before the checkpoint is read
     ckpt = Path(args.ckpt)
     out = Path(args.out) if args.out else ckpt.parent / f"eval-{ckpt.stem}"
     report = evaluate(str(ckpt), [a.strip() for a in args.attacks.split(",") if a.strip()],
                       parse_eps(args.eps) if args.eps else None, args.n, args.batch_size, args.device,
-                      args.data_root, args.steps, args.restarts, args.seed, progress=True)
+                      args.data_root, args.steps, args.restarts, args.seed, progress=True,
+                      stability_attacks=stability_attacks, stability_n=args.stability_n,
+                      stability_steps=args.stability_steps, map_name=args.map, topk=args.topk,
+                      pictures=not args.no_pictures, n_pictures=args.n_pictures, out=out)
     write_report(report, out)
     print(f"\n{report['recipe']}: clean accuracy {report['clean_accuracy']:.4f} on {report['n_examples']} images\n")
     print(format_table(report))
-    print(f"\nwrote {out / 'report.json'} and {out / 'report.md'}")
+    stability = format_stability_table(report)
+    if stability:
+        print(f"\nInterpretation-map stability\n\n{stability}")
+    for note in report["notes"]:
+        print(f"\nnote: {note}")
+    written = ["report.json", "report.md", *report["pictures"]]
+    print(f"\nwrote {', '.join(written[:-1])} and {written[-1]} in {out}")
     return 0

@@ -97,7 +97,8 @@ def test_test_subcommand_reports_robust_accuracy_with_default_inference_mode_ove
 
 def test_evaluate_writes_a_report_with_per_example_worst_case(trained_run, tmp_path):
     res = run("evaluate", "--ckpt", str(trained_run / "last.ckpt"), "--n", "64", "--eps", "0,0.1,0.3",
-              "--attacks", "pgd,pgd_margin,fgsm", "--steps", "3", "--out", str(tmp_path / "report"))
+              "--attacks", "pgd,pgd_margin,fgsm", "--steps", "3", "--stability-steps", "5",
+              "--out", str(tmp_path / "report"))
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     for key in ("checkpoint", "recipe", "dataset", "n_examples", "clean_accuracy", "attacks", "robust_accuracy"):

@@ -1,15 +1,31 @@
-"""The evaluation: ε parsing, per-example worst case, and agreement of the default suite with AutoAttack."""
+"""The evaluation: ε parsing, per-example worst case, agreement of the default suite with AutoAttack, and the
+interpretation-map stability rows and pictures of the report."""
 from __future__ import annotations
+
+import copy
+import json
+import sys
+import types
 
 import lightning.pytorch as pl
 import pytest
 import torch
+from PIL import Image
+from torch import nn
 
+import robust_train.evaluate as evaluate_module
 from robust_train.attacks.suite import DEFAULT_SUITE
+from robust_train.checkpoint import classifier_from_checkpoint, read_checkpoint
+from robust_train.cli import main as cli_main
 from robust_train.data import MNISTData
 from robust_train.errors import ConfigError
-from robust_train.evaluate import evaluate, format_table, parse_eps
+from robust_train.evaluate import (evaluate, format_stability_table, format_table, json_safe, log_to_wandb,
+                                   measure_stability, parse_eps, stability_rows, write_report)
+from robust_train.interpret.cam import cam
 from robust_train.methods import FastFGSMTraining
+
+ROW_KEYS = {"map", "attack", "eps", "kendall_tau", "topk_intersection", "n_used", "n_total", "n_constant", "steps",
+            "step_size"}
 
 
 def test_parse_eps_reads_fractions_without_eval():
@@ -38,7 +54,7 @@ def robustish_checkpoint(tmp_path_factory):
 
 def test_worst_case_is_per_example_and_below_every_attack(robustish_checkpoint):
     report = evaluate(str(robustish_checkpoint), ["fgsm", "pgd", "pgd_margin"], [0.0, 0.1, 0.2], n=100,
-                      steps=20, progress=False)
+                      steps=20, progress=False, stability_attacks=())
     assert report["robust_accuracy"]["0"] == pytest.approx(report["clean_accuracy"])
     for eps in ("0.1", "0.2"):
         accs = [r["accuracy"] for r in report["attacks"] if f"{r['eps']:g}" == eps]
@@ -52,9 +68,154 @@ def test_worst_case_is_per_example_and_below_every_attack(robustish_checkpoint):
 
 def test_default_suite_agrees_with_autoattack(robustish_checkpoint):
     pytest.importorskip("pyautoattack")
-    ours = evaluate(str(robustish_checkpoint), DEFAULT_SUITE, [0.1], n=100, progress=False)
-    aa = evaluate(str(robustish_checkpoint), ["autoattack"], [0.1], n=100, progress=False)
+    ours = evaluate(str(robustish_checkpoint), DEFAULT_SUITE, [0.1], n=100, progress=False, stability_attacks=())
+    aa = evaluate(str(robustish_checkpoint), ["autoattack"], [0.1], n=100, progress=False, stability_attacks=())
     ours_acc, aa_acc = ours["robust_accuracy"]["0.1"], aa["robust_accuracy"]["0.1"]
     assert 0.05 < aa_acc < 0.95, "the model must be partly robust for the comparison to mean anything"
     # 100 images: one image is 1 point; bench/mnist_pgd.py checks 1.5 points on 1,000 images.
     assert abs(ours_acc - aa_acc) <= 0.03, (ours_acc, aa_acc)
+
+
+# ------------------------------------------------------------------------------------ map stability and pictures
+def strict_json(text: str):
+    """json.loads that refuses NaN and ±Infinity, which json.dumps writes by default but JSON does not allow."""
+    def refuse(name):
+        raise ValueError(f"{name} in report.json")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_report_has_map_stability_rows_and_pictures(robustish_checkpoint, tmp_path, capsys):
+    out = tmp_path / "report"
+    rc = cli_main(["evaluate", "--ckpt", str(robustish_checkpoint), "--n", "32", "--eps", "0,0.1,0.2", "--attacks",
+                   "fgsm", "--stability-steps", "5", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    report = strict_json((out / "report.json").read_text())
+    rows = report["map_stability"]
+    assert {(r["attack"], r["eps"]) for r in rows} == {("aai", 0.1), ("aai", 0.2), ("pgd", 0.1), ("pgd", 0.2)}
+    assert len(rows) == 4
+    for r in rows:
+        assert ROW_KEYS <= set(r), r
+        assert r["map"] == "cam" and r["steps"] == 5 and r["n_total"] == 32
+        assert 0 <= r["n_used"] <= r["n_total"] and r["n_used"] + r["n_constant"] <= r["n_total"]
+        for key in ("kendall_tau", "topk_intersection"):
+            assert r[key] is None or -1.0 <= r[key] <= 1.0, r
+        assert (r["kendall_tau"] is None) == (r["n_used"] == 0)
+    assert report["pictures"] == ["gallery.png", "transition.png"]
+    assert report["picture_settings"]["transition"]["label"] == 7  # MNIST: a 7 ...
+    assert report["picture_settings"]["transition"]["target"] == 9  # ... driven to 9
+    for name in report["pictures"]:
+        with Image.open(out / name) as image:
+            image.verify()
+            assert image.format == "PNG"
+    md = (out / "report.md").read_text()
+    assert "](gallery.png)" in md and "](transition.png)" in md and "Interpretation-map stability" in md
+    assert "Interpretation-map stability" in printed and "| aai | cam |" in printed
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_no_pictures_and_no_stability_attacks(robustish_checkpoint, tmp_path, capsys):
+    out = tmp_path / "report"
+    rc = cli_main(["evaluate", "--ckpt", str(robustish_checkpoint), "--n", "16", "--eps", "0,0.1", "--attacks",
+                   "fgsm", "--stability-attacks", "none", "--no-pictures", "--out", str(out)])
+    assert rc == 0
+    report = strict_json((out / "report.json").read_text())
+    assert report["map_stability"] == [] and report["pictures"] == []
+    assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md"]
+    assert "Interpretation-map stability" not in capsys.readouterr().out
+
+
+BAD_OPTIONS = {
+    "stability-n 0": (["--stability-n", "0"], "--stability-n 0 must be a positive integer"),
+    "stability-n negative": (["--stability-n", "-3"], "--stability-n -3 must be a positive integer"),
+    "stability-n not a number": (["--stability-n", "many"], "--stability-n"),
+    "stability-steps 0": (["--stability-steps", "0"], "--stability-steps 0 must be a positive integer"),
+    "unknown stability attack": (["--stability-attacks", "nope"], "unknown stability attack 'nope'"),
+    "none among names": (["--stability-attacks", "aai,none"], "'none' alone"),
+    "unknown map": (["--map", "no_such_map"], "unknown interpretation map"),
+    "topk 0": (["--topk", "0"], "--topk 0 must be a positive integer"),
+    "topk above the map size": (["--topk", "50"], "larger than the 49 cells"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_OPTIONS))
+def test_bad_stability_options_give_one_line_and_exit_code_2(robustish_checkpoint, tmp_path, capsys, case):
+    flags, expected = BAD_OPTIONS[case]
+    rc = cli_main(["evaluate", "--ckpt", str(robustish_checkpoint), "--n", "8", "--eps", "0,0.1", "--attacks", "fgsm",
+                   "--out", str(tmp_path / "r"), *flags])
+    captured = capsys.readouterr()
+    lines = [ln for ln in captured.err.splitlines() if ln.strip() and "batch" not in ln]
+    assert rc == 2
+    assert len(lines) == 1 and lines[0].startswith("robust-train: error:") and expected in lines[0], captured.err
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.fixture(scope="module")
+def model_and_images(robustish_checkpoint):
+    model = classifier_from_checkpoint(read_checkpoint(robustish_checkpoint))
+    x, y = MNISTData().test_tensors(12)
+    return model, x, y
+
+
+def test_an_attack_that_returns_x_gives_tau_one(model_and_images):
+    model, x, y = model_and_images
+    stats = measure_stability(model, x, y, lambda m, xb, yb: xb.clone(), cam, 8, batch_size=5)
+    assert stats["n_total"] == 12 and stats["n_used"] + stats["n_constant"] == 12 and stats["n_used"] > 0
+    assert stats["kendall_tau"] == pytest.approx(1.0)
+    assert stats["topk_intersection"] == pytest.approx(1.0)
+
+
+def test_no_usable_image_is_null_in_json(model_and_images):
+    model, x, y = model_and_images
+    flat = copy.deepcopy(model)
+    with torch.no_grad():
+        flat.head.weight.zero_()  # every CAM is constant: τ is undefined for every image
+    rows = stability_rows(flat, x, y, [0.0, 0.1], ["pgd"], "cam", 8, 2, 8, progress=False)
+    assert len(rows) == 1
+    assert rows[0]["n_used"] == 0 and rows[0]["n_constant"] == 12
+    assert rows[0]["kendall_tau"] is None and rows[0]["topk_intersection"] is None
+    text = json.dumps(json_safe({"map_stability": rows, "other": float("nan")}), allow_nan=False)
+    assert strict_json(text)["other"] is None
+    assert "– / – (n=0)" in format_stability_table({"map_stability": rows})
+
+
+def test_model_without_feature_map_is_skipped_with_a_note(robustish_checkpoint, tmp_path, monkeypatch):
+    class LogitsOnly(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x)
+
+    load = evaluate_module.classifier_from_checkpoint
+    monkeypatch.setattr(evaluate_module, "classifier_from_checkpoint", lambda ckpt: LogitsOnly(load(ckpt)))
+    report = evaluate(str(robustish_checkpoint), ["fgsm"], [0.0, 0.1], n=16, progress=False, out=tmp_path)
+    assert report["map_stability"] == [] and report["pictures"] == []
+    assert len(report["notes"]) == 1 and "features" in report["notes"][0]
+    write_report(report, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "report.md"]
+    assert "Note:" in (tmp_path / "report.md").read_text()
+
+
+def test_wandb_gets_pictures_and_table_only_when_a_run_is_active(monkeypatch):
+    from robust_train.interpret.figures import new_figure
+
+    logged = []
+    fake = types.SimpleNamespace(run=None, Image=lambda array, caption=None: ("image", array.shape),
+                                 Table=lambda columns, data: ("table", columns, data))
+    report = {"map_stability": [{"map": "cam", "attack": "aai", "eps": 0.1, "kendall_tau": 0.5,
+                                 "topk_intersection": 0.25, "n_used": 3, "n_total": 4, "n_constant": 0,
+                                 "steps": 5, "step_size": 0.01}]}
+    figures = {"gallery.png": new_figure(1, 2)[0]}
+    monkeypatch.delitem(sys.modules, "wandb", raising=False)
+    assert not log_to_wandb(report, figures)  # wandb never imported: no run can be active
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    assert not log_to_wandb(report, figures)  # imported, but no run: nothing is started
+    fake.run = types.SimpleNamespace(log=logged.append)
+    assert log_to_wandb(report, figures)
+    (payload,) = logged
+    assert payload["evaluate/gallery"][0] == "image" and payload["evaluate/gallery"][1][2] == 3
+    kind, columns, data = payload["evaluate/map_stability"]
+    assert kind == "table" and data[0][columns.index("kendall_tau")] == 0.5

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from robust_train.attacks.base import Attack, attack_loss, check_positive, project, random_start
+from robust_train.attacks.base import Attack, Projector, attack_loss, check_positive, random_start
 from robust_train.attacks.registry import register_attack
 from robust_train.errors import ConfigError
 from robust_train.interpret.cam import cam
@@ -87,10 +87,11 @@ class AAI(Attack):
     def perturb(self, model, x, y, target):
         cells = top_cells(self.map_fn(model, x, y).detach(), self.k)
         x_adv = random_start(x, self.eps) if self.random_start else x
+        project = Projector(x, self.eps)
         for _ in range(self.steps):
             x_adv = x_adv.detach().requires_grad_(True)
             (grad,) = torch.autograd.grad(self.objective(model, x_adv, y, cells).sum(), x_adv)
-            x_adv = project(x_adv.detach() - self.step_size * grad.sign(), x, self.eps)
+            x_adv = project(x_adv.detach() - self.step_size * grad.sign())
         return x_adv
 
     def describe(self) -> dict:

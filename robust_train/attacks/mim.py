@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from robust_train.attacks.base import Attack, check_positive, input_gradient, project, steepest_step
+from robust_train.attacks.base import Attack, Projector, check_positive, input_gradient, steepest_step
 from robust_train.attacks.registry import register_attack
 
 
@@ -27,11 +27,12 @@ class MIM(Attack):
 
     def perturb(self, model, x, y, target):
         x_adv, momentum = x, torch.zeros_like(x)
+        project = Projector(x, self.eps, self.norm)
         for _ in range(self.steps):
             grad, _, _ = input_gradient(model, x_adv, y, self.loss, target)
             l1 = grad.abs().mean(dim=tuple(range(1, grad.dim())), keepdim=True).clamp_min(1e-12)
             momentum = self.decay * momentum + grad / l1
-            x_adv = project(steepest_step(x_adv, momentum, self.step_size, self.norm), x, self.eps, self.norm)
+            x_adv = project(steepest_step(x_adv, momentum, self.step_size, self.norm))
         return x_adv
 
     def describe(self) -> dict:

@@ -8,7 +8,7 @@ from typing import Literal
 
 import torch
 
-from robust_train.attacks.base import (Attack, attack_loss, check_positive, input_gradient, project,
+from robust_train.attacks.base import (Attack, Projector, attack_loss, check_positive, input_gradient,
                                        random_start, steepest_step)
 from robust_train.attacks.registry import register_attack
 from robust_train.errors import ConfigError
@@ -45,13 +45,14 @@ class PGD(Attack):
 
     def perturb(self, model, x, y, target):
         best = _Best(x) if (self.keep_best or self.restarts > 1) else None
+        project = Projector(x, self.eps, self.norm)
         for _ in range(self.restarts):
             x_adv = random_start(x, self.eps, self.norm) if self.random_start else x
             for t in range(self.steps):
                 grad, logits, losses = input_gradient(model, x_adv, y, self.loss, target)
                 if best is not None:
                     best.update(x_adv, logits, losses, y, target)
-                x_adv = project(steepest_step(x_adv, grad, self.step_at(t), self.norm), x, self.eps, self.norm)
+                x_adv = project(steepest_step(x_adv, grad, self.step_at(t), self.norm))
             if best is None:
                 return x_adv
             with torch.no_grad():

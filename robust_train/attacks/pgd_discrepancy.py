@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from robust_train.attacks.base import Attack, check_positive, project, random_start, steepest_step
+from robust_train.attacks.base import Attack, Projector, check_positive, random_start, steepest_step
 from robust_train.attacks.registry import register_attack
 from robust_train.errors import ConfigError
 from robust_train.interpret.cam import all_class_cams
@@ -33,12 +33,16 @@ class DiscrepancyPGD(Attack):
         self.steps = int(check_positive("steps", steps))
         self.step_size = 2.5 * self.eps / self.steps if step_size is None else check_positive("step_size", step_size)
         self.lam = float(check_positive("lam", lam, allow_zero=at_adv))
+        if not random_start and not at_adv:
+            raise ConfigError("pgd_discrepancy without at_adv needs random_start: D̃ is flat at x' = x (|0| has a "
+                              "zero gradient), so the attack would return x unchanged")
         self.at_adv, self.one_class, self.random_start = at_adv, one_class, random_start
 
     def perturb(self, model, x, y, target):
         with torch.no_grad():
             cams_clean, _ = all_class_cams(model, x)
         x_adv = random_start(x, self.eps) if self.random_start else x
+        project = Projector(x, self.eps)
         for _ in range(self.steps):
             x_adv = x_adv.detach().requires_grad_(True)
             cams_adv, logits_adv = all_class_cams(model, x_adv)
@@ -46,7 +50,7 @@ class DiscrepancyPGD(Attack):
             if self.at_adv:
                 objective = objective + F.cross_entropy(logits_adv, y, reduction="none")
             (grad,) = torch.autograd.grad(objective.sum(), x_adv)
-            x_adv = project(steepest_step(x_adv.detach(), grad, self.step_size), x, self.eps)
+            x_adv = project(steepest_step(x_adv.detach(), grad, self.step_size))
         return x_adv
 
     def describe(self) -> dict:

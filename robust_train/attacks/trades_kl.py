@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from robust_train.attacks.base import Attack, check_positive, project, steepest_step
+from robust_train.attacks.base import Attack, Projector, check_positive, steepest_step
 from robust_train.attacks.registry import register_attack
 
 
@@ -31,9 +31,10 @@ class TRADESKL(Attack):
     def perturb(self, model, x, y, target):
         with torch.no_grad():
             probs_clean = F.softmax(model(x), dim=1)
-        x_adv = project(x + 0.001 * torch.randn_like(x), x, self.eps, self.norm)
+        project = Projector(x, self.eps, self.norm)
+        x_adv = project(x + 0.001 * torch.randn_like(x))
         for _ in range(self.steps):
             x_adv = x_adv.detach().requires_grad_(True)
             (grad,) = torch.autograd.grad(kl_to_clean(model(x_adv), probs_clean).sum(), x_adv)
-            x_adv = project(steepest_step(x_adv.detach(), grad, self.step_size, self.norm), x, self.eps, self.norm)
+            x_adv = project(steepest_step(x_adv.detach(), grad, self.step_size, self.norm))
         return x_adv

@@ -18,10 +18,13 @@ from robust_train.interpret.cam import all_class_cams
 
 
 def other_class_weights(logits_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """w (N, C): the adversarial softmax renormalised over the classes other than y; zero at y; differentiable."""
-    p = F.softmax(logits_adv, dim=1)
-    p = p.scatter(1, y[:, None], 0.0)
-    return p / p.sum(1, keepdim=True).clamp_min(1e-12)
+    """w (N, C): the adversarial softmax renormalised over the classes other than y; zero at y; differentiable.
+
+    softmax(z)_i / Σ_{j≠y} softmax(z)_j is the softmax of z with z_y masked out: computed that way, the weights
+    still sum to 1 when the true class dominates (renormalising the full softmax underflows to ~0 weights once
+    z_y leads by ~30 logits, i.e. on every confidently classified x')."""
+    mask = F.one_hot(y, logits_adv.shape[1]).bool()
+    return F.softmax(logits_adv.masked_fill(mask, float("-inf")), dim=1)
 
 
 def discrepancy_from_cams(cams_clean: torch.Tensor, cams_adv: torch.Tensor, logits_adv: torch.Tensor,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
+from robust_train.attacks.base import check_positive
 from robust_train.attacks.pgd_discrepancy import DiscrepancyPGD
 from robust_train.interpret.discrepancy import interpretation_discrepancy
 from robust_train.methods.base import RobustModule
@@ -25,6 +26,7 @@ class IntTraining(RobustModule):
 
     def __init__(self, lam: float = 0.01, steps: int = 40, step_size: float = 0.01, **kwargs):
         super().__init__(**kwargs)
+        check_positive("lam", lam, allow_zero=True)  # the inner attack clamps λ to > 0: a negative λ would slip by
         self.lam, self.steps, self.step_size = lam, steps, step_size
         self.inner_attack(self.eps)  # validates the arguments at construction time
 
