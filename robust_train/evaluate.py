@@ -15,6 +15,13 @@ whose τ is undefined, are counted in `n_constant` and left out). The stability 
   step rule; not the suite's 100-step cosine PGD, whose job is breaking labels, not comparing maps);
 * any other preset of `robust_train.attacks.suite` by name (e.g. `pgd200`, the paper's 200 steps of 0.01).
 
+Gradient-masking checks (`robust_train.masking_checks`, in the spirit of AutoAttack's flags) run on the first
+`checks_n` images at the main ε (the training ε, else the middle of the grid's positive values): accuracy that does
+not fall with ε or with more steps, PGD weaker than FGSM, accuracy above 0 at ε = 1, random noise or transferred
+examples beating the white-box attacks, exactly zero input gradients. They go into report["checks"] with
+report["masking_suspected"] (any failed). `--transfer-from CKPT` crafts the suite's `pgd` on another checkpoint at
+the main ε and evaluates this one on the result (report["transfer"], and the black-box check).
+
 With an output folder, pictures are saved beside report.md (each PNG written atomically, before the report that
 links them): `gallery.png`, the first images clean and attacked at every ε with the CAM of the predicted class, and
 `transition.png`, one targeted PGD run (MNIST: a 7 driven to 9) with the CAMs of the true and target class at
@@ -40,6 +47,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from robust_train import masking_checks
 from robust_train.attacks.aai import AAI
 from robust_train.attacks.base import Attack, attack_mode, check_eps
 from robust_train.attacks.pgd import PGD
@@ -66,6 +74,43 @@ def parse_eps(text: str) -> list[float]:
         except (ValueError, ZeroDivisionError):
             raise ConfigError(f"--eps {item!r} is not a number: give values like 0.3 or 8/255, comma-separated")
     return [check_eps(v) for v in values]
+
+
+def checks_eps(info: dict, grid: Sequence[float]) -> float:
+    """The ε of the masking checks and of --transfer-from: the training ε when positive, else the middle of the
+    grid's positive values, else the data set's usual one."""
+    train = float(info.get("eps") or 0)
+    if train > 0:
+        return train
+    positive = sorted(e for e in grid if e > 0)
+    if positive:
+        return positive[len(positive) // 2]
+    return MAIN_EPS.get(info["data_spec"].get("name"), 0.3)
+
+
+def read_transfer_source(path: str | Path, info: dict) -> nn.Module:
+    """The classifier of the --transfer-from checkpoint; ConfigError (one line) when it cannot be read or was
+    trained on other data than the evaluated one."""
+    try:
+        source = read_checkpoint(path)
+        theirs, ours = source["robust_train"]["data_spec"], info["data_spec"]
+        for key in ("name", "num_classes", "in_channels"):
+            if theirs.get(key) is not None and ours.get(key) is not None and theirs.get(key) != ours.get(key):
+                raise ConfigError(f"checkpoint {path} has {key} {theirs.get(key)!r}, the evaluated one "
+                                  f"{ours.get(key)!r}: transfer needs a model of the same data")
+        return classifier_from_checkpoint(source)
+    except ConfigError as e:
+        raise ConfigError(f"--transfer-from: {e}") from None
+
+
+def transfer_correct(source: nn.Module, model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack,
+                     batch_size: int) -> torch.Tensor:
+    """Per example: does `model` still classify correctly the adversarial example crafted on `source`?"""
+    out = [torch.zeros(0, dtype=torch.bool, device=y.device)]
+    for i in range(0, len(x), batch_size):
+        x_adv = attack(source, x[i:i + batch_size], y[i:i + batch_size])
+        out.append(predictions(model, x_adv, batch_size) == y[i:i + batch_size])
+    return torch.cat(out)
 
 
 def build_datamodule(ckpt: dict, data_root: str | None):
@@ -150,6 +195,11 @@ def build_stability_attack(name: str, eps: float, steps: int | None = None, map_
         return build_attack(name, eps, steps)
     known = ", ".join(["aai", "pgd", *sorted(n for n in PRESETS if n != "pgd")])
     raise ConfigError(f"unknown stability attack {name!r}: choose from {known}, or none")
+
+
+def check_checks_n(checks_n) -> None:
+    if isinstance(checks_n, bool) or not isinstance(checks_n, numbers.Integral) or checks_n <= 0:
+        raise ConfigError(f"--checks-n {checks_n!r} must be a positive integer")
 
 
 def check_stability_options(stability_attacks: Sequence[str], stability_n: int, stability_steps: int | None,
@@ -288,7 +338,8 @@ def evaluate(ckpt_path: str, attacks: list[str] | None = None, eps: list[float] 
              steps: int | None = None, restarts: int | None = None, seed: int = 0, progress: bool = True,
              stability_attacks: Sequence[str] = STABILITY_ATTACKS, stability_n: int = 200,
              stability_steps: int | None = None, map_name: str = "cam", topk: int = 8, pictures: bool = True,
-             n_pictures: int = 6, out: str | Path | None = None) -> dict:
+             n_pictures: int = 6, out: str | Path | None = None, checks: bool = True, checks_n: int = 200,
+             transfer_from: str | Path | None = None) -> dict:
     """Run the suite, the map-stability attacks and (with `out`) the pictures; return the report as a dict (see
     `write_report`, which writes it into the same folder).
 
@@ -296,6 +347,8 @@ def evaluate(ckpt_path: str, attacks: list[str] | None = None, eps: list[float] 
     images at each ε > 0; stability_steps: their iterations (None: AAI 200, PGD 40); map_name/topk: the
     interpretation map (`robust_train.interpret.MAPS`) and k of the top-k overlap (and of AAI). pictures: save
     `n_pictures` images as gallery.png and a transition.png into `out` (no pictures without `out`).
+    checks: run the gradient-masking checks on the first `checks_n` images (see the module docstring);
+    transfer_from: a checkpoint of the same data whose PGD examples are evaluated on this model (black box).
     """
     attacks = list(attacks or DEFAULT_SUITE)
     for name in attacks:
@@ -303,10 +356,12 @@ def evaluate(ckpt_path: str, attacks: list[str] | None = None, eps: list[float] 
             build_attack(name, 0.0, steps, restarts)  # unknown names fail before any work
     stability_attacks = list(stability_attacks or ())
     check_stability_options(stability_attacks, stability_n, stability_steps, map_name, topk, n_pictures)
+    check_checks_n(checks_n)
     ckpt = read_checkpoint(ckpt_path)
     info = ckpt["robust_train"]
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = classifier_from_checkpoint(ckpt).to(device)
+    source = read_transfer_source(transfer_from, info).to(device) if transfer_from is not None else None
     grid = list(eps if eps is not None else info["data_spec"].get("eps_grid") or [info["eps"]])
     x, y = build_datamodule(ckpt, data_root).test_tensors(n)
     x, y = x.to(device), y.to(device)
@@ -316,7 +371,7 @@ def evaluate(ckpt_path: str, attacks: list[str] | None = None, eps: list[float] 
     torch.manual_seed(seed)
 
     clean = predictions(model, x, batch_size) == y
-    rows, robust = [], {}
+    rows, robust, worst_by_eps = [], {}, {}
     n_batches = -(-len(x) // batch_size)
     bar = tqdm(total=len(grid) * len(attacks) * n_batches, desc="evaluate", unit="batch", disable=not progress)
     for e in grid:
@@ -345,7 +400,34 @@ def evaluate(ckpt_path: str, attacks: list[str] | None = None, eps: list[float] 
             rows.append(row)
             worst &= correct
         robust[f"{e:g}"] = worst.float().mean().item()
+        worst_by_eps[e] = worst
     bar.close()
+
+    main_eps = checks_eps(info, grid)
+    suite_worst = next((w for e, w in worst_by_eps.items() if abs(e - main_eps) < 1e-12), None)
+    transfer, transfer_ok = None, None
+    if source is not None:
+        t0 = time.perf_counter()
+        torch.manual_seed(seed)
+        attack = build_attack("pgd", main_eps, steps, restarts)
+        transfer_ok = transfer_correct(source, model, x, y, attack, batch_size)
+        transfer = {"source": str(transfer_from), "eps": main_eps, "attack": attack.describe(), "n": len(x),
+                    "accuracy": transfer_ok.float().mean().item(),
+                    "source_accuracy": (predictions(source, x, batch_size) == y).float().mean().item(),
+                    "seconds": round(time.perf_counter() - t0, 2)}
+    check_rows, checks_settings = [], {}
+    if checks:
+        t0 = time.perf_counter()
+        count = min(checks_n, len(x))
+        at_main = {r["name"]: r["accuracy"] for r in rows if abs(r["eps"] - main_eps) < 1e-12}
+        reuse = (at_main["fgsm"], at_main["pgd"]) if {"fgsm", "pgd"} <= set(at_main) else None
+        check_rows = masking_checks.run_checks(
+            model, x[:count], y[:count], main_eps, robust_by_eps=robust, n_eval=len(x),
+            white_correct=None if suite_worst is None else suite_worst[:count], reuse_fgsm_pgd=reuse,
+            transfer_correct=transfer_ok, transfer_white=suite_worst, batch_size=batch_size, seed=seed)
+        checks_settings = {"eps": main_eps, "n": count, "seconds": round(time.perf_counter() - t0, 2)}
+    if transfer is not None and suite_worst is not None:
+        transfer["white_box_accuracy"] = suite_worst.float().mean().item()
 
     notes, stability, figures, picture_settings = [], [], {}, {}
     if not maps_ok and (stability_attacks or (pictures and out is not None)):
@@ -375,6 +457,10 @@ def evaluate(ckpt_path: str, attacks: list[str] | None = None, eps: list[float] 
         "map_stability": stability,
         "pictures": list(figures),
         "picture_settings": picture_settings,
+        "checks": check_rows,
+        "masking_suspected": masking_checks.masking_suspected(check_rows) if checks else None,
+        "checks_settings": checks_settings,
+        "transfer": transfer,
         "notes": notes,
         "device": str(device),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -423,12 +509,36 @@ def format_stability_table(report: dict) -> str:
     return legend + "\n\n" + "\n".join(lines)
 
 
+def format_checks_section(report: dict) -> str:
+    """The transfer result and the masking checks (✓/✗ with details); empty when neither ran."""
+    parts = []
+    transfer = report.get("transfer")
+    if transfer:
+        white = transfer.get("white_box_accuracy")
+        parts.append(f"Transfer (black box) from `{transfer['source']}`: PGD crafted on it at ε = {transfer['eps']:g} "
+                     f"leaves accuracy **{transfer['accuracy']:.4f}** on {transfer['n']} images"
+                     + (f" (white-box worst case {white:.4f})." if white is not None else "."))
+    rows = report.get("checks") or []
+    if rows:
+        settings = report.get("checks_settings") or {}
+        verdict = ("**gradient masking suspected**: the accuracies above may overstate robustness; trust the margin "
+                   "loss (pgd_margin) and AutoAttack more than cross-entropy PGD" if report.get("masking_suspected")
+                   else "no sign of gradient masking")
+        parts.append(f"Gradient-masking checks on the first {settings.get('n')} images at "
+                     f"ε = {settings.get('eps', float('nan')):g}: {verdict}.\n\n"
+                     + masking_checks.format_checks(rows))
+    return "\n\n".join(parts)
+
+
 def format_markdown(report: dict) -> str:
     md = (f"# Evaluation of `{report['checkpoint']}`\n\n"
           f"Recipe `{report['recipe']}` ({report['method']}, {report['arch']}) on {report['dataset']}: "
           f"{report['n_examples']} test images, clean accuracy **{report['clean_accuracy']:.4f}**.\n\n"
           f"Accuracy under each attack; the last column counts an image as robust only if no attack broke it.\n\n"
           f"{format_table(report)}\n")
+    checks = format_checks_section(report)
+    if checks:
+        md += f"\n## Gradient masking\n\n{checks}\n"
     stability = format_stability_table(report)
     if stability:
         md += f"\n## Interpretation-map stability\n\n{stability}\n"
@@ -499,6 +609,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--topk", type=int, default=8, help="k of the top-k overlap and of AAI (default 8)")
     parser.add_argument("--n-pictures", type=int, default=6, help="images in gallery.png (default 6)")
     parser.add_argument("--no-pictures", action="store_true", help="write no gallery.png / transition.png")
+    parser.add_argument("--no-checks", action="store_true", help="skip the gradient-masking checks")
+    parser.add_argument("--checks-n", type=int, default=200,
+                        help="gradient-masking checks on the first N of the evaluated images (default 200)")
+    parser.add_argument("--transfer-from", default=None, metavar="CKPT",
+                        help="also evaluate black-box transfer: PGD crafted on this checkpoint (same data) at the "
+                             "main ε, then evaluated on --ckpt")
     parser.error = lambda message: (_ for _ in ()).throw(ConfigError(f"evaluate: {message}"))  # one line, exit 2
     args = parser.parse_args(argv)
     if args.n <= 0 or args.batch_size <= 0:
@@ -506,6 +622,7 @@ def main(argv: list[str]) -> int:
     stability_attacks = parse_stability_attacks(args.stability_attacks)
     check_stability_options(stability_attacks, args.stability_n, args.stability_steps, args.map, args.topk,
                             args.n_pictures)  # before the checkpoint is read
+    check_checks_n(args.checks_n)
     ckpt = Path(args.ckpt)
     out = Path(args.out) if args.out else ckpt.parent / f"eval-{ckpt.stem}"
     report = evaluate(str(ckpt), [a.strip() for a in args.attacks.split(",") if a.strip()],
@@ -513,10 +630,14 @@ def main(argv: list[str]) -> int:
                       args.data_root, args.steps, args.restarts, args.seed, progress=True,
                       stability_attacks=stability_attacks, stability_n=args.stability_n,
                       stability_steps=args.stability_steps, map_name=args.map, topk=args.topk,
-                      pictures=not args.no_pictures, n_pictures=args.n_pictures, out=out)
+                      pictures=not args.no_pictures, n_pictures=args.n_pictures, out=out,
+                      checks=not args.no_checks, checks_n=args.checks_n, transfer_from=args.transfer_from)
     write_report(report, out)
     print(f"\n{report['recipe']}: clean accuracy {report['clean_accuracy']:.4f} on {report['n_examples']} images\n")
     print(format_table(report))
+    checks = format_checks_section(report)
+    if checks:
+        print(f"\n{checks}")
     stability = format_stability_table(report)
     if stability:
         print(f"\nInterpretation-map stability\n\n{stability}")

@@ -64,12 +64,17 @@ def test_worst_case_is_per_example_and_below_every_attack(robustish_checkpoint):
     assert 0.05 < report["robust_accuracy"]["0.1"] < report["clean_accuracy"]
     assert report["robust_accuracy"]["0.2"] <= report["robust_accuracy"]["0.1"]
     assert "worst case" in format_table(report)
+    # a partly robust model trained without masking raises no gradient-masking flag (checks at its training ε)
+    assert report["checks_settings"] == {**report["checks_settings"], "eps": 0.1, "n": 100}
+    assert report["masking_suspected"] is False, [r["detail"] for r in report["checks"] if not r["passed"]]
 
 
 def test_default_suite_agrees_with_autoattack(robustish_checkpoint):
     pytest.importorskip("pyautoattack")
-    ours = evaluate(str(robustish_checkpoint), DEFAULT_SUITE, [0.1], n=100, progress=False, stability_attacks=())
-    aa = evaluate(str(robustish_checkpoint), ["autoattack"], [0.1], n=100, progress=False, stability_attacks=())
+    ours = evaluate(str(robustish_checkpoint), DEFAULT_SUITE, [0.1], n=100, progress=False, stability_attacks=(),
+                    checks=False)
+    aa = evaluate(str(robustish_checkpoint), ["autoattack"], [0.1], n=100, progress=False, stability_attacks=(),
+                  checks=False)
     ours_acc, aa_acc = ours["robust_accuracy"]["0.1"], aa["robust_accuracy"]["0.1"]
     assert 0.05 < aa_acc < 0.95, "the model must be partly robust for the comparison to mean anything"
     # 100 images: one image is 1 point; bench/mnist_pgd.py checks 1.5 points on 1,000 images.

@@ -7,9 +7,11 @@ from robust_train.methods.pgd import PGDTraining
 from robust_train.methods.trades import TRADESTraining
 from robust_train.methods.int import IntAdvTraining, IntOneClassTraining, IntTraining
 from robust_train.methods.int2 import Int2AdvTraining, Int2Training
+from robust_train.methods.distillation import DistillationTraining
+from robust_train.methods.parseval import ParsevalTraining
 
 METHODS = {cls.__name__: cls for cls in (StandardTraining, FGSMTraining, FastFGSMTraining, PGDTraining,
                                          TRADESTraining, IntTraining, IntAdvTraining, IntOneClassTraining,
-                                         Int2Training, Int2AdvTraining)}
+                                         Int2Training, Int2AdvTraining, DistillationTraining, ParsevalTraining)}
 
 __all__ = ["METHODS", "RobustModule", *METHODS]
