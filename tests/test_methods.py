@@ -15,6 +15,7 @@ from robust_train.methods import (METHODS, FastFGSMTraining, FGSMTraining, PGDTr
 SMALL = {name: {"steps": 3} for name in ("PGDTraining", "TRADESTraining", "IntTraining", "IntAdvTraining",
                                           "IntOneClassTraining", "Int2Training", "Int2AdvTraining")}
 SMALL["ParsevalTraining"] = {"optimizer": "sgd", "lr": 0.05}
+SMALL["EnsembleAdvTraining"] = {"static_epochs": 1, "static_max_batches": 2}
 # Distillation trains a whole teacher first: tests/test_distillation.py covers its fit on a few batches.
 TRAINED_HERE = sorted(set(METHODS) - {"DistillationTraining"})
 

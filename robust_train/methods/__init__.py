@@ -9,9 +9,11 @@ from robust_train.methods.int import IntAdvTraining, IntOneClassTraining, IntTra
 from robust_train.methods.int2 import Int2AdvTraining, Int2Training
 from robust_train.methods.distillation import DistillationTraining
 from robust_train.methods.parseval import ParsevalTraining
+from robust_train.methods.ensemble_adv import EnsembleAdvTraining
 
 METHODS = {cls.__name__: cls for cls in (StandardTraining, FGSMTraining, FastFGSMTraining, PGDTraining,
                                          TRADESTraining, IntTraining, IntAdvTraining, IntOneClassTraining,
-                                         Int2Training, Int2AdvTraining, DistillationTraining, ParsevalTraining)}
+                                         Int2Training, Int2AdvTraining, DistillationTraining, ParsevalTraining,
+                                         EnsembleAdvTraining)}
 
 __all__ = ["METHODS", "RobustModule", *METHODS]
