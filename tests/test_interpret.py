@@ -248,7 +248,7 @@ def test_create_graph_gradients_are_correct():
 def test_maps_leave_mode_and_parameter_grads_alone():
     model, x = small_cnn(), images()
     for name in MAPS.names():
-        if name == "attention":  # needs an attention-pooling model: checked in tests/test_attention_pool.py
+        if name in ("attention", "prototype", "prototype_top"):  # need their own models: see their test files
             continue
         for training in (True, False):
             model.train(training)
@@ -266,7 +266,7 @@ def test_registry():
     model, x = small_cnn(), images()
     classes = classes_of(3)
     assert MAPS.names() == sorted(["attention", "cam", "grad_cam", "grad_cam_pp", "saliency", "smoothgrad",
-                                   "integrated_gradients"])
+                                   "integrated_gradients", "prototype", "prototype_top"])
     torch.testing.assert_close(interpretation_map("cam", model, x, classes), cam(model, x, classes))
     torch.testing.assert_close(interpretation_map("grad_cam", model, x, classes, relu=False),
                                grad_cam(model, x, classes, relu=False))

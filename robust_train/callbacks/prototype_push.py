@@ -147,7 +147,11 @@ class PrototypePush(pl.Callback):
         if dm is not None and getattr(dm, "train_set", None) is not None:
             dataset = self.dataset_for(dm)
         else:
-            dataset = without_augmentation(trainer.train_dataloader.dataset, dm)
+            dataset = getattr(trainer.train_dataloader, "dataset", None)
+            if dataset is None:
+                raise ConfigError("PrototypePush needs the training images: fit with a data module (or a single "
+                                  "DataLoader over a dataset)")
+            dataset = without_augmentation(dataset, dm)
         batch_size = self.batch_size or getattr(dm, "batch_size", None) or 128
         return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate,
                           num_workers=getattr(dm, "num_workers", 0) or 0)

@@ -24,7 +24,8 @@ official `main.py` loop's epochs, i.e. the warm and joint epochs only:
            (official: push_start 10, every 10th epoch). Done by the `PrototypePush` callback, which this module adds
            to the Trainer itself when none is configured (`configure_callbacks`), so a run cannot skip it.
     last   `last_layer_epochs` Lightning epochs right after each push (official: 20 passes): only the last layer
-           trains (Adam 1e-4); Clst and Sep have no gradient there, L1 does. Then joint resumes.
+           trains (Adam 1e-4); Clst and Sep have no gradient there, L1 does. Then joint resumes. (The official
+           code skips this phase for the 'linear' similarity; here last_layer_epochs alone decides.)
 
 E.g. warm_epochs=2, push_start=3, push_every=3, last_layer_epochs=2 gives the Lightning epochs
 warm, warm, joint, joint*, last, last, joint, joint, joint*, last, last, ...  (* = push at its end).
@@ -35,6 +36,11 @@ optimizer steps, and parameters outside it have requires_grad False for the epoc
 all are made trainable again when fitting ends). The base class's optimizer arguments (optimizer, lr, weight_decay,
 lr_schedule, ...) are not used and must stay at their defaults. Under DDP, parameters change requires_grad between
 phases, so use a strategy that finds unused parameters (`ddp_find_unused_parameters_true`).
+
+Checkpoints. An epoch's validation (and with it best-*.ckpt and last.ckpt) comes before that epoch's push, and joint
+epochs move the prototypes off their patches again, so only checkpoints of last-layer epochs hold pushed
+prototypes; the recipes end on a last-layer epoch, so their final last.ckpt does (evaluate that one, not a best-*
+of a joint epoch). Resuming from the checkpoint of a push epoch may skip that push.
 
 Backbones trained from scratch. The warm phase protects a *pretrained* backbone from the gradients of the randomly
 initialised add-on layers and prototypes; small_cnn on MNIST has nothing to protect, so its recipes set
@@ -93,6 +99,8 @@ class ProtoPNetTraining(RobustModule):
     """ProtoPNet's losses and warm -> joint -> push -> last-layer schedule (module docstring) on arch `protopnet`.
 
     Args:
+        arch: a ProtoPNet in the model registry (`protopnet`, default small_cnn backbone; `arch_kwargs` sets the
+            backbone, prototypes_per_class and prototype_dim).
         adversarial: None (clean training) or "pgd" (train on PGD-`steps` examples of step `step_size`).
         warm_epochs, push_start, push_every, last_layer_epochs: the schedule, in official (outer) epochs except
             last_layer_epochs, which are extra Lightning epochs after each push (push_every 0: push once only).
@@ -102,23 +110,22 @@ class ProtoPNetTraining(RobustModule):
         feature_weight_decay: Adam weight decay of the backbone and add-on layers in both phases (1e-3).
         joint_lr_step_size, joint_lr_gamma: the joint StepLR (5, 0.1; step size 0 keeps the rates constant).
         last_layer_lr: the last-layer phase's Adam learning rate (1e-4).
-        **kwargs: RobustModule's (arch, arch_kwargs, data_spec, eps, eps warm-up, attack_bn_mode).
+        **kwargs: RobustModule's (arch_kwargs, data_spec, eps, eps warm-up, attack_bn_mode).
     """
 
-    def __init__(self, adversarial: Literal["pgd"] | None = None, steps: int = 40, step_size: float = 0.01,
-                 random_start: bool = True, warm_epochs: int = 5, push_start: int = 10, push_every: int = 10,
-                 last_layer_epochs: int = 20, clst_weight: float = 0.8, sep_weight: float = 0.08,
+    def __init__(self, arch: str = "protopnet", adversarial: Literal["pgd"] | None = None, steps: int = 40,
+                 step_size: float = 0.01, random_start: bool = True, warm_epochs: int = 5, push_start: int = 10,
+                 push_every: int = 10, last_layer_epochs: int = 20, clst_weight: float = 0.8, sep_weight: float = 0.08,
                  l1_weight: float = 1e-4, warm_lr_add_on: float = 3e-3, warm_lr_prototypes: float = 3e-3,
                  joint_lr_features: float = 1e-4, joint_lr_add_on: float = 3e-3, joint_lr_prototypes: float = 3e-3,
                  feature_weight_decay: float = 1e-3, joint_lr_step_size: int = 5, joint_lr_gamma: float = 0.1,
                  last_layer_lr: float = 1e-4, **kwargs):
-        kwargs.setdefault("arch", "protopnet")
         for key, default in BASE_DEFAULTS.items():
             if kwargs.get(key, default) != default:
                 raise ConfigError(f"ProtoPNetTraining sets its optimisers per phase; {key}={kwargs[key]!r} is not "
                                   "used: leave it out and set warm_lr_*, joint_lr_*, last_layer_lr, "
                                   "feature_weight_decay or joint_lr_step_size instead")
-        super().__init__(**kwargs)
+        super().__init__(arch=arch, **kwargs)
         if not callable(getattr(self.model, "forward_with_distances", None)):
             raise ConfigError(f"ProtoPNetTraining needs a ProtoPNet model (arch protopnet), got arch "
                               f"{self.hparams.arch!r}")
