@@ -287,8 +287,10 @@ def transition_choice(model, x, y, clean, dataset, num_classes) -> tuple[int, in
 
 
 def make_pictures(model, x, y, clean, grid, attack_name, steps, restarts, info, out: Path, n_pictures: int,
-                  seed: int) -> tuple[dict, dict]:
-    """Save gallery.png and transition.png into `out`; returns ({file name: Figure}, settings for the report)."""
+                  seed: int, datamodule=None) -> tuple[dict, dict]:
+    """Save gallery.png and transition.png into `out` (and prototypes.png for a ProtoPNet: the top prototypes each
+    clean and adversarial image activates, beside the training patches they were pushed from); returns
+    ({file name: Figure}, settings for the report)."""
     from robust_train.interpret.figures import attack_gallery, transition_figure  # matplotlib: only when needed
 
     spec = info["data_spec"]
@@ -309,6 +311,16 @@ def make_pictures(model, x, y, clean, grid, attack_name, steps, restarts, info, 
                                                      path=out / "transition.png")
     settings["transition"] = {"file": "transition.png", "index": index, "label": int(y[index]), "target": target,
                               "eps": eps, "steps": TRANSITION_STEPS, "step_size": 2.5 * eps / TRANSITION_STEPS}
+    if hasattr(model, "prototype_vectors"):
+        from robust_train.callbacks.prototype_push import PrototypePush
+        from robust_train.interpret.prototype import prototype_figure, prototype_sources
+
+        x_adv = build_attack(attack_name, eps, steps, restarts)(model, x[:count], y[:count])
+        sources = prototype_sources(model, PrototypePush.dataset_for(datamodule)) if datamodule is not None else None
+        figures["prototypes.png"] = prototype_figure(model, x[:count], y[:count], x_adv, k=3, sources=sources,
+                                                     class_names=class_names, path=out / "prototypes.png")
+        settings["prototypes"] = {"file": "prototypes.png", "attack": attack_name, "eps": eps, "k": 3,
+                                  "images": count}
     return figures, settings
 
 
@@ -363,7 +375,8 @@ def evaluate(ckpt_path: str, attacks: list[str] | None = None, eps: list[float] 
     model = classifier_from_checkpoint(ckpt).to(device)
     source = read_transfer_source(transfer_from, info).to(device) if transfer_from is not None else None
     grid = list(eps if eps is not None else info["data_spec"].get("eps_grid") or [info["eps"]])
-    x, y = build_datamodule(ckpt, data_root).test_tensors(n)
+    datamodule = build_datamodule(ckpt, data_root)
+    x, y = datamodule.test_tensors(n)
     x, y = x.to(device), y.to(device)
     maps_ok = has_feature_map(model)
     if maps_ok and stability_attacks and any(e > 0 for e in grid):
@@ -441,7 +454,7 @@ def evaluate(ckpt_path: str, attacks: list[str] | None = None, eps: list[float] 
     if maps_ok and pictures and out is not None and len(x):
         gallery_attack = next((a for a in attacks if a not in EXTERNAL), "pgd")
         figures, picture_settings = make_pictures(model, x, y, clean, grid, gallery_attack, steps, restarts, info,
-                                                  Path(out), n_pictures, seed)
+                                                  Path(out), n_pictures, seed, datamodule)
     report = {
         "checkpoint": str(ckpt_path),
         "recipe": info.get("recipe", "unknown"),
@@ -556,6 +569,11 @@ def format_markdown(report: dict) -> str:
                    f"{transition['target']} by a targeted L∞ PGD at ε = {transition['eps']:g} "
                    f"({transition['steps']} steps); rows: the image, the CAM of the true class, the CAM of the "
                    f"target.\n\n![targeted transition]({transition['file']})\n")
+        prototypes = settings.get("prototypes")
+        if prototypes:
+            md += (f"\nThe {prototypes['k']} prototypes each image activates most, clean and attacked by "
+                   f"`{prototypes['attack']}` at ε = {prototypes['eps']:g}: their similarity maps, and the training "
+                   f"patch each prototype was pushed from.\n\n![top prototypes]({prototypes['file']})\n")
     for note in report.get("notes") or []:
         md += f"\nNote: {note}\n"
     md += f"\nAttack settings are in report.json. Device {report['device']}, {report['date']}.\n"

@@ -338,6 +338,14 @@ def test_fit_joint_push_then_last_layer_in_lightning(mnist, tmp_path):
     assert torch.isfinite(metrics["train/loss"]) and "val/map_tau/aai@0.3" in metrics
     assert metrics["train/phase"] == 2.0  # last epoch was the last-layer phase
 
+    # evaluate's report shows the top prototypes of clean and adversarial images beside their training patches
+    from robust_train.evaluate import evaluate
+    trainer.save_checkpoint(tmp_path / "protopnet.ckpt")
+    report = evaluate(str(tmp_path / "protopnet.ckpt"), ["pgd"], [0.0, 0.3], n=4, steps=2, progress=False,
+                      stability_attacks=(), checks=False, out=tmp_path / "eval", n_pictures=2)
+    assert "prototypes.png" in report["pictures"] and (tmp_path / "eval" / "prototypes.png").is_file()
+    assert report["picture_settings"]["prototypes"]["k"] == 3
+
 
 def test_recipe_parses():
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
