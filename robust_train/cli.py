@@ -90,6 +90,18 @@ def wandb_logged_in() -> bool:
         return False
 
 
+def check_output_folder(path: Path) -> None:
+    """Fail before training, not after an hour, when the run folder cannot be created or written."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"cannot write the output folder {path} ({e.strerror or type(e).__name__}): set "
+                          "ROBUST_TRAIN_OUTPUT or --checkpoint.dirpath to a folder you can write") from None
+
+
 def run_dir_for(recipe: str) -> Path:
     # DDP re-launches this script once per extra rank: those processes must write into the same run folder.
     if os.environ.get("LOCAL_RANK", "0") != "0" and os.environ.get("ROBUST_TRAIN_RUN_DIR"):
@@ -140,6 +152,10 @@ def run_lightning(recipe: str) -> None:
                     read_checkpoint(ckpt_path)
             super()._parse_ckpt_path()
 
+        def before_instantiate_classes(self):
+            if self.subcommand == "fit":  # before the Trainer prints anything or the data is read
+                check_output_folder(Path(self.config.fit.get("checkpoint", {}).get("dirpath") or run_dir))
+
         def _before(self):
             sub = self.config_init[self.subcommand]
             if "weights_only" in sub and sub.get("weights_only") is None:
@@ -157,6 +173,7 @@ def run_lightning(recipe: str) -> None:
                                     save_dir=str(run_dir), offline=not wandb_logged_in()),
         },
         save_config_kwargs={"overwrite": True},
+        seed_everything_default=0,  # reproducible by default (and no "No seed found" warning); --seed_everything N
         parser_kwargs={"exit_on_error": False},
     )
 

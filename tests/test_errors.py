@@ -49,6 +49,17 @@ CASES = {
 }
 
 
+def test_an_unwritable_output_folder_is_reported_before_training(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    res = run("fit", "--recipe", "standard", env={"ROBUST_TRAIN_OUTPUT": str(blocker / "runs")})
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == 2 and len(lines) == 1, res.stderr[-2000:]
+    assert lines[0].startswith("robust-train: error: cannot write the output folder"), lines[0]
+    assert "Epoch" not in res.stdout + res.stderr  # nothing was trained
+    assert blocker.read_text() == "not a folder"
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_input_gives_one_line_and_exit_code_2(case, bad_files):
     args, expected = CASES[case]
