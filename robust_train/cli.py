@@ -156,6 +156,17 @@ def run_lightning(recipe: str) -> None:
             if self.subcommand == "fit":  # before the Trainer prints anything or the data is read
                 check_output_folder(Path(self.config.fit.get("checkpoint", {}).get("dirpath") or run_dir))
 
+        def instantiate_classes(self):
+            # LightningCLI's own steps, with the data read before the Trainer exists: a split that cannot be made
+            # fails in one line, not after the Trainer and the logger have printed their banners.
+            self.config_init = self.parser.instantiate_classes(self.config)
+            self.datamodule = self._get(self.config_init, "data")
+            if self.datamodule is not None:
+                self.datamodule.setup(self.subcommand)
+            self.model = self._get(self.config_init, "model")
+            self._add_configure_optimizers_method_to_model(self.subcommand)
+            self.trainer = self.instantiate_trainer()
+
         def _before(self):
             sub = self.config_init[self.subcommand]
             if "weights_only" in sub and sub.get("weights_only") is None:

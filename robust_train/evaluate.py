@@ -637,6 +637,9 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.n <= 0 or args.batch_size <= 0:
         raise ConfigError("--n and --batch-size must be positive integers")
+    for flag, value in (("--steps", args.steps), ("--restarts", args.restarts)):
+        if value is not None and value <= 0:  # 0 would otherwise silently mean "each attack's default"
+            raise ConfigError(f"{flag} {value}: use a positive number of iterations, or leave it out for the defaults")
     stability_attacks = parse_stability_attacks(args.stability_attacks)
     check_stability_options(stability_attacks, args.stability_n, args.stability_steps, args.map, args.topk,
                             args.n_pictures)  # before the checkpoint is read
