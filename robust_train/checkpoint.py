@@ -67,6 +67,20 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Modu
     return classifier_from_checkpoint(read_checkpoint(path)).to(device)
 
 
+def atomic_torch_save(obj, path: str | os.PathLike) -> None:
+    """torch.save through a temporary file in the same folder and a rename: never half a checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write through a temporary file in the same folder and rename, so a crash never leaves half a file."""
     path = Path(path)

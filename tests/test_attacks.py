@@ -21,14 +21,7 @@ NUM_CLASSES = 3
 
 
 # --------------------------------------------------------------------------------------------------- fixtures
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared CPU a descheduled OpenMP thread stalls
-    every op (seen: 100x slower); one thread keeps this file at a few seconds. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class TinyCNN(nn.Module):

@@ -22,12 +22,7 @@ from robust_train.interpret.discrepancy import (discrepancy_from_cams, interpret
 from robust_train.models import create_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -23,12 +23,7 @@ INT_METHODS = [IntTraining, IntAdvTraining, IntOneClassTraining, Int2Training, I
 FAST = {"steps": 3, "step_size": 0.1}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

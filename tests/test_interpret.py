@@ -16,13 +16,7 @@ from robust_train.models import Classifier, create_model
 NUM_CLASSES = 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads and a shared CPU stalls them; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_cnn(seed=0, in_channels=1, softplus=False, dtype=torch.float64, **kwargs):

@@ -18,15 +18,13 @@ the same numbers as Carlini's offline pass, without holding them for the whole d
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from robust_train.checkpoint import classifier_from_checkpoint, read_checkpoint
+from robust_train.checkpoint import atomic_torch_save, classifier_from_checkpoint, read_checkpoint
 from robust_train.errors import ConfigError
 from robust_train.methods.base import DEFAULT_SPEC, RobustModule
 from robust_train.models import create_model
@@ -116,15 +114,7 @@ class DistillationTraining(RobustModule):
                                  "arch_kwargs": dict(hp.arch_kwargs or {}), "data_spec": dict(hp.data_spec or DEFAULT_SPEC),
                                  "eps": float(self.eps), "temperature": float(self.temperature)},
                 "state_dict": {f"model.{k}": v.detach().cpu() for k, v in teacher.state_dict().items()}}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save(ckpt, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_torch_save(ckpt, path)
 
     # -- the student ---------------------------------------------------------------------------------------------
     def training_loss(self, x, y, x_adv):

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -37,7 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from robust_train.attacks import FGSM, RandFGSM, attack_mode
-from robust_train.checkpoint import classifier_from_checkpoint, read_checkpoint
+from robust_train.checkpoint import atomic_torch_save, classifier_from_checkpoint, read_checkpoint
 from robust_train.errors import ConfigError
 from robust_train.methods.base import DEFAULT_SPEC, RobustModule
 from robust_train.methods.distillation import file_sha256
@@ -46,18 +44,6 @@ from robust_train.models import create_model
 # Two different small MNIST architectures, cheap enough to train on a CPU in a minute or two each.
 DEFAULT_STATIC_ARCHS = [{"arch": "small_cnn", "arch_kwargs": {"widths": [8, 16, 50]}},
                         {"arch": "small_cnn", "arch_kwargs": {"widths": [32, 64, 128]}}]
-
-
-def _atomic_torch_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class EnsembleAdvTraining(RobustModule):
@@ -215,7 +201,7 @@ class EnsembleAdvTraining(RobustModule):
                                  "arch_kwargs": dict(record["arch_kwargs"]), "data_spec": spec, "eps": 0.0,
                                  "static": record},
                 "state_dict": {f"model.{k}": v.detach().cpu() for k, v in model.state_dict().items()}}
-        _atomic_torch_save(ckpt, path)
+        atomic_torch_save(ckpt, path)
 
     # -- training ------------------------------------------------------------------------------------------------
     def craft(self, source: int, x: torch.Tensor, eps: float) -> torch.Tensor:
