@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 from robust_train.attacks.base import check_eps
+from robust_train.attacks.pgd import PGD
 from robust_train.errors import ConfigError
 from robust_train.models import create_model
 
@@ -71,6 +72,12 @@ class RobustModule(pl.LightningModule):
     def training_loss(self, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor | None):
         logits = self.model(x if x_adv is None else x_adv)
         return F.cross_entropy(logits, y), logits
+
+    def pgd_examples(self, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int, step_size: float,
+                     random_start: bool = True) -> torch.Tensor:
+        """The last iterate of L∞ PGD on cross-entropy (Madry et al.'s training examples), in the attack BN mode."""
+        return PGD(eps, steps=steps, step_size=step_size, random_start=random_start, keep_best=False,
+                   bn_mode=self.hparams.attack_bn_mode)(self.model, x, y)
 
     # -- shared machinery ----------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from robust_train.attacks.base import check_positive
 from robust_train.attacks.pgd_discrepancy import DiscrepancyPGD
-from robust_train.interpret.discrepancy import interpretation_discrepancy
+from robust_train.interpret.cam import all_class_cams
+from robust_train.interpret.discrepancy import discrepancy_from_cams
 from robust_train.methods.base import RobustModule
 
 
@@ -40,14 +41,16 @@ class IntTraining(RobustModule):
         return self.inner_attack(eps)(self.model, x, y)
 
     def training_loss(self, x, y, x_adv):
-        target = x_adv if self.adv else x
-        logits = self.model(target)
-        loss = F.cross_entropy(logits, y)
-        if self.lam > 0:
-            d = interpretation_discrepancy(self.model, x, x_adv, y, one_class=self.one_class).mean()
-            self.log("train/discrepancy", d.detach())
-            loss = loss + self.lam * d
-        return loss, logits
+        if self.lam == 0:
+            logits = self.model(x_adv if self.adv else x)
+            return F.cross_entropy(logits, y), logits
+        # One forward per input gives both the CAMs and the logits: no third pass for the cross-entropy.
+        cams_clean, logits_clean = all_class_cams(self.model, x)
+        cams_adv, logits_adv = all_class_cams(self.model, x_adv)
+        logits = logits_adv if self.adv else logits_clean
+        d = discrepancy_from_cams(cams_clean, cams_adv, logits_adv, y, self.one_class).mean()
+        self.log("train/discrepancy", d.detach())
+        return F.cross_entropy(logits, y) + self.lam * d, logits
 
 
 class IntAdvTraining(IntTraining):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
@@ -72,9 +71,7 @@ class ParsevalTraining(RobustModule):
     def adversarial_batch(self, x, y, eps):
         if self.adversarial is None or eps == 0:
             return None
-        attack = PGD(eps, steps=self.steps, step_size=self.step_size, random_start=self.random_start,
-                     keep_best=False, bn_mode=self.hparams.attack_bn_mode)
-        return attack(self.model, x, y)
+        return self.pgd_examples(x, y, eps, self.steps, self.step_size, self.random_start)
 
     # The retraction goes in an `optimizer_step` override rather than `on_train_batch_end`: Lightning calls this
     # once per real optimiser step, so with `accumulate_grad_batches > 1` the weights are retracted once per update

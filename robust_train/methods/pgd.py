@@ -17,6 +17,4 @@ class PGDTraining(RobustModule):
     def adversarial_batch(self, x, y, eps):
         if eps == 0:
             return x
-        attack = PGD(eps, steps=self.steps, step_size=self.step_size, random_start=self.random_start,
-                     keep_best=False, bn_mode=self.hparams.attack_bn_mode)
-        return attack(self.model, x, y)
+        return self.pgd_examples(x, y, eps, self.steps, self.step_size, self.random_start)

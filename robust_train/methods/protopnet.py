@@ -195,9 +195,7 @@ class ProtoPNetTraining(RobustModule):
     def adversarial_batch(self, x, y, eps):
         if self.adversarial is None or eps == 0:
             return None
-        attack = PGD(eps, steps=self.steps, step_size=self.step_size, random_start=self.random_start,
-                     keep_best=False, bn_mode=self.hparams.attack_bn_mode)
-        return attack(self.model, x, y)
+        return self.pgd_examples(x, y, eps, self.steps, self.step_size, self.random_start)
 
     def loss_terms(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """(total loss, logits, {ce, cluster, separation, l1}) on images x."""
