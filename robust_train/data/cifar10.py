@@ -6,13 +6,14 @@ import tarfile
 from pathlib import Path
 from urllib.error import URLError
 
-import numpy as np
 import torch
 
 from robust_train.data.base import ImageDataModule, TensorImageDataset, random_crop_flip
+from robust_train.data.validate import read_npz, to_labels, to_uint8_nchw
 from robust_train.errors import ConfigError
 
 SUBSET_FILE = "cifar10_subset.npz"
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 DEFAULT_ROOT = "~/.cache/robust_train/cifar10"
 # Fixed by the data set; known here so that `spec` is complete before anything is read.
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -35,7 +36,7 @@ class CIFAR10Data(ImageDataModule):
         val_size: int | None = None,
         seed: int = 0,
         num_workers: int = 0,
-        pin_memory: bool = False,
+        pin_memory: bool | None = None,
         download: bool = True,
         augment: bool = True,
     ):
@@ -76,12 +77,22 @@ class CIFAR10Data(ImageDataModule):
 
     def _make_datasets(self) -> tuple[TensorImageDataset, TensorImageDataset, TensorImageDataset]:
         if self.subset is not None:
-            with np.load(self.subset, allow_pickle=False) as z:
-                train = torch.from_numpy(z["x_train"]), torch.from_numpy(z["y_train"]).long()
-                test = torch.from_numpy(z["x_test"]), torch.from_numpy(z["y_test"]).long()
+            train, test = self._load_npz()
         else:
             train, test = [self._load_folder(t) for t in (True, False)]
-        return self.tensor_datasets(train, test, random_crop_flip if self.augment else None)
+        source = str(self.subset or self.folder)
+        return self.tensor_datasets(train, test, random_crop_flip if self.augment else None, source=source)
+
+    def _load_npz(self) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """x_train, y_train, x_test, y_test: images (N, 3, 32, 32) as in cifar10_subset.npz, or channels-last
+        (N, 32, 32, 3) as torchvision and Keras keep CIFAR-10; uint8, or float in [0, 1] (rounded to x * 255)."""
+        source = str(self.subset)
+        z = read_npz(self.subset, NPZ_KEYS)
+        return tuple(
+            (to_uint8_nchw(source, f"x_{split}", z[f"x_{split}"], self.in_channels, self.image_size),
+             to_labels(source, f"y_{split}", z[f"y_{split}"]))
+            for split in ("train", "test")
+        )
 
     def _load_folder(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         ds = self._torchvision(train, download=False)  # prepare_data downloaded it if it could

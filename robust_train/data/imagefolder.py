@@ -8,7 +8,7 @@ from typing import Sequence
 from torch.utils.data import Subset
 from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import find_classes
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
 from robust_train.data.base import ImageDataModule
 from robust_train.errors import ConfigError
@@ -29,7 +29,7 @@ class ImageFolderData(ImageDataModule):
         val_size: int | None = None,
         seed: int = 0,
         num_workers: int = 0,
-        pin_memory: bool = False,
+        pin_memory: bool | None = None,
         image_size: int = 224,
         resize: int | None = None,
         augment: bool = True,
@@ -74,8 +74,10 @@ class ImageFolderData(ImageDataModule):
     def _folder(self, path: Path, transform) -> ImageFolder:
         try:
             ds = ImageFolder(str(path), transform=transform)
-        except FileNotFoundError as e:  # class folders without any image file
-            raise ConfigError(f"no images found under {path}: {e}") from e
+        except FileNotFoundError as e:  # class folders without any image file (torchvision names them)
+            found = " ".join(str(e).split(". Supported extensions")[0].split())
+            raise ConfigError(f"no images found under {path} ({found}): put image files ({', '.join(IMG_EXTENSIONS)}) "
+                              f"in every class folder, or remove the empty ones") from None
         if ds.classes != self.class_names:
             raise ConfigError(f"the class folders of {path} differ from those of {self.train_dir}: make them match")
         return ds

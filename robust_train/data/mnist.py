@@ -65,7 +65,7 @@ class MNISTData(ImageDataModule):
         val_size: int = 1000,
         seed: int = 0,
         num_workers: int = 0,
-        pin_memory: bool = False,
+        pin_memory: bool | None = None,
     ):
         super().__init__(root, batch_size, val_size, seed, num_workers, pin_memory)
         raw = Path(root).expanduser() / "MNIST" / "raw" if root is not None else None
@@ -76,8 +76,10 @@ class MNISTData(ImageDataModule):
     def _make_datasets(self) -> tuple[TensorImageDataset, TensorImageDataset, TensorImageDataset]:
         if self.root is None:
             train, test = _bundled("train"), _bundled("t10k")
+            source = f"the bundled MNIST ({BUNDLED})"
         else:
             root = str(Path(self.root).expanduser())
             train, test = _torchvision(root, train=True), _torchvision(root, train=False)
+            source = str(Path(root) / "MNIST" / "raw")
         # No augmentation: the usual MNIST adversarial-training recipes (Madry et al., TRADES) use none.
-        return self.tensor_datasets(train, test)
+        return self.tensor_datasets(train, test, source=source)
