@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from robust_train.attacks.base import Attack, Projector, attack_loss, check_positive, random_start
+from robust_train.attacks.base import Attack, Projector, attack_loss, check_positive, random_start, upcast
 from robust_train.attacks.registry import register_attack
 from robust_train.errors import ConfigError
 from robust_train.interpret.cam import cam
@@ -79,13 +79,13 @@ class AAI(Attack):
 
     def objective(self, model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
         """Per-example loss L(x') that the attack *minimises*."""
-        loss = mass_on(self.map_fn(model, x_adv, y), cells)
+        loss = mass_on(upcast(self.map_fn(model, x_adv, y)), cells)  # float32, also under autocast
         if self.label_weight > 0:
             loss = loss + self.label_weight * attack_loss(model(x_adv), y, "margin").clamp_min(0)
         return loss
 
     def perturb(self, model, x, y, target):
-        cells = top_cells(self.map_fn(model, x, y).detach(), self.k)
+        cells = top_cells(upcast(self.map_fn(model, x, y).detach()), self.k)
         x_adv = random_start(x, self.eps) if self.random_start else x
         project = Projector(x, self.eps)
         for _ in range(self.steps):

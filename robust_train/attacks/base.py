@@ -4,6 +4,14 @@ guarantee that the model comes back exactly as it was handed over (mode, BatchNo
 Inputs are images in [0, 1]; normalisation lives inside the model, so ε means the same for every model.
 Gradients are taken with `torch.autograd.grad` with respect to the current iterate itself, never through a
 clamp, so a pixel sitting on the 0 or 1 border still gets a gradient and can move back inside.
+
+Mixed precision: an attack may run inside `torch.autocast` (bf16; Lightning's `--trainer.precision bf16-mixed` wraps
+the whole training step in it). The model's forward then runs in bf16, but the loss is always computed from float32
+logits, and x, the iterate, its gradient (autograd returns it in x's dtype), the step, the projection and the
+clamp to [0, 1] stay float32, so x' is in the ε-ball and in [0, 1] exactly, whatever the autocast state. A bf16 or
+fp16 x is promoted to float32 (x' comes back float32). fp16 autocast ("16-mixed") is not scaled here: its attack
+gradients may underflow, so prefer bf16. Attacks also take channels_last inputs (every operation here is
+elementwise or per example, layout-agnostic).
 """
 from __future__ import annotations
 
@@ -34,6 +42,11 @@ def check_positive(name: str, value, allow_zero: bool = False):
     if value is None or not (value >= 0 if allow_zero else value > 0):  # `not` also rejects nan
         raise ConfigError(f"{name}={value} must be {'>= 0' if allow_zero else '> 0'}")
     return value
+
+
+def upcast(t: torch.Tensor) -> torch.Tensor:
+    """float16/bfloat16 (what a forward under autocast returns) -> float32; float32 and float64 pass unchanged."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 @contextlib.contextmanager
@@ -73,6 +86,7 @@ def attack_loss(logits: torch.Tensor, y: torch.Tensor, loss: LossName = "ce",
     Targeted: −cross-entropy of the target, or the margin z_t − max_{j≠t} z_j.
     """
     cls = y if target is None else target
+    logits = upcast(logits)  # under autocast the logits are bf16: the loss (and its comparisons) in float32
     if loss == "ce":
         ce = F.cross_entropy(logits, cls, reduction="none")
         return ce if target is None else -ce
@@ -87,7 +101,7 @@ def input_gradient(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss:
                    target: torch.Tensor | None = None):
     """Gradient of the summed per-example loss with respect to the iterate; returns (grad, logits, loss)."""
     x_adv = x_adv.detach().requires_grad_(True)
-    logits = model(x_adv)
+    logits = upcast(model(x_adv))  # float32 (or float64) whatever the autocast state
     losses = attack_loss(logits, y, loss, target)
     (grad,) = torch.autograd.grad(losses.sum(), x_adv)
     return grad, logits.detach(), losses.detach()
@@ -181,6 +195,7 @@ class Attack:
             raise RuntimeError("attacks need gradients but inference mode is on: run Lightning with "
                                "Trainer(inference_mode=False) or call the attack outside torch.inference_mode()")
         x = x.detach()
+        x = upcast(x)  # the threat set in float32: bf16 steps are 1/256 near 1
         if self.eps == 0:
             return x.clone()
         with attack_mode(model, self.bn_mode):

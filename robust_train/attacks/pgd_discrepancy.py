@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from robust_train.attacks.base import Attack, Projector, check_positive, random_start, steepest_step
+from robust_train.attacks.base import Attack, Projector, check_positive, random_start, steepest_step, upcast
 from robust_train.attacks.registry import register_attack
 from robust_train.errors import ConfigError
 from robust_train.interpret.cam import all_class_cams
@@ -40,12 +40,12 @@ class DiscrepancyPGD(Attack):
 
     def perturb(self, model, x, y, target):
         with torch.no_grad():
-            cams_clean, _ = all_class_cams(model, x)
+            cams_clean = upcast(all_class_cams(model, x)[0])  # the objective in float32, also under autocast
         x_adv = random_start(x, self.eps) if self.random_start else x
         project = Projector(x, self.eps)
         for _ in range(self.steps):
             x_adv = x_adv.detach().requires_grad_(True)
-            cams_adv, logits_adv = all_class_cams(model, x_adv)
+            cams_adv, logits_adv = map(upcast, all_class_cams(model, x_adv))
             objective = self.lam * discrepancy_from_cams(cams_clean, cams_adv, logits_adv, y, self.one_class)
             if self.at_adv:
                 objective = objective + F.cross_entropy(logits_adv, y, reduction="none")

@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from robust_train.attacks.base import Attack, Projector, check_positive, steepest_step
+from robust_train.attacks.base import Attack, Projector, check_positive, steepest_step, upcast
 from robust_train.attacks.registry import register_attack
 
 
 def kl_to_clean(logits_adv: torch.Tensor, probs_clean: torch.Tensor) -> torch.Tensor:
-    """Per-example KL(p_clean ‖ p_adv), the TRADES robustness term."""
-    return F.kl_div(F.log_softmax(logits_adv, dim=1), probs_clean, reduction="none").sum(1)
+    """Per-example KL(p_clean ‖ p_adv), the TRADES robustness term, in float32 (also under bf16 autocast)."""
+    return F.kl_div(F.log_softmax(upcast(logits_adv), dim=1), upcast(probs_clean), reduction="none").sum(1)
 
 
 @register_attack("trades_kl")
@@ -30,7 +30,7 @@ class TRADESKL(Attack):
 
     def perturb(self, model, x, y, target):
         with torch.no_grad():
-            probs_clean = F.softmax(model(x), dim=1)
+            probs_clean = F.softmax(upcast(model(x)), dim=1)
         project = Projector(x, self.eps, self.norm)
         x_adv = project(x + 0.001 * torch.randn_like(x))
         for _ in range(self.steps):

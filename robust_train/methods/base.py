@@ -15,6 +15,7 @@ from typing import Literal
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from robust_train.attacks.base import check_eps
@@ -39,6 +40,16 @@ class RobustModule(pl.LightningModule):
         optimizer, lr, momentum, weight_decay, nesterov: the optimiser.
         lr_schedule: "constant", "cosine" (per step), "multistep" (×gamma at `milestones` epochs) or "cyclic"
             (linear up to lr at 2/5 of training, then down to 0: the schedule of fast adversarial training).
+        channels_last: keep the model's weights in NHWC memory order (the first convolution then returns NHWC
+            activations whatever the layout of the images, so batches need no conversion): faster convolutions on GPUs, most of all under bf16 (`--trainer.precision
+            bf16-mixed`, with which the attacks stay correct: see robust_train.attacks.base). Attacks work on
+            channels_last tensors as on contiguous ones; checkpoints are unchanged (same keys, same values).
+        compile: `torch.compile` the model in place (`nn.Module.compile`): the parameter names, hence the
+            checkpoints and `robust_train.load`, stay as without it. Only `model(x)` is compiled; the first steps
+            are slow (compilation, once per train/eval/grad mode). torch.compile does not support double backward
+            (`create_graph=True`): no training method here needs it (Int/Int2 differentiate CAMs, linear in the
+            features, and call `model.features`, which runs eagerly), but gradient-based maps (saliency, Grad-CAM,
+            integrated gradients) through the compiled model do, e.g. in MapStability/AAI with such a `map`.
     """
 
     def __init__(self, arch: str = "small_cnn", arch_kwargs: dict | None = None, data_spec: dict | None = None,
@@ -47,7 +58,8 @@ class RobustModule(pl.LightningModule):
                  optimizer: Literal["sgd", "adam", "adamw"] = "adam", lr: float = 1e-3, momentum: float = 0.9,
                  weight_decay: float = 0.0, nesterov: bool = False,
                  lr_schedule: Literal["constant", "cosine", "multistep", "cyclic"] = "constant",
-                 milestones: list[int] | None = None, gamma: float = 0.1):
+                 milestones: list[int] | None = None, gamma: float = 0.1, channels_last: bool = False,
+                 compile: bool = False):
         super().__init__()
         self.save_hyperparameters()
         spec = dict(data_spec or DEFAULT_SPEC)
@@ -58,12 +70,18 @@ class RobustModule(pl.LightningModule):
             raise ConfigError(f"lr={lr} must be > 0")
         self.model = create_model(arch, num_classes=spec["num_classes"], in_channels=spec["in_channels"],
                                   mean=spec["mean"], std=spec["std"], **(arch_kwargs or {}))
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)  # 4-D weights only; keys unchanged
+        if compile:
+            self.model.compile()  # in place and lazy: no `_orig_mod.` in the state_dict keys, nothing compiled yet
         self.eps = eps
         self.run_info: dict = {}  # filled by the CLI (recipe name, run folder) and stored in checkpoints
         n = spec["num_classes"]
         self.train_acc = MulticlassAccuracy(n, average="micro")
         self.val_acc = MulticlassAccuracy(n, average="micro")
         self.test_acc = MulticlassAccuracy(n, average="micro")
+        # Mean over images, not over batches: exact under DDP, where ranks hold different numbers of images.
+        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
 
     # -- what a method overrides -------------------------------------------------------------------------------
     def adversarial_batch(self, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor | None:
@@ -104,18 +122,19 @@ class RobustModule(pl.LightningModule):
         self.log("train/eps", eps)
         return loss
 
-    def _eval_step(self, batch, acc: MulticlassAccuracy, stage: str):
+    def _eval_step(self, batch, acc: MulticlassAccuracy, mean_loss: MeanMetric, stage: str):
         x, y = batch
         logits = self.model(x)
         acc(logits, y)
-        self.log(f"{stage}/loss", F.cross_entropy(logits, y))
+        mean_loss(F.cross_entropy(logits, y, reduction="none"))
+        self.log(f"{stage}/loss", mean_loss)
         self.log(f"{stage}/acc", acc, prog_bar=True)
 
     def validation_step(self, batch, batch_idx):
-        self._eval_step(batch, self.val_acc, "val")
+        self._eval_step(batch, self.val_acc, self.val_loss, "val")
 
     def test_step(self, batch, batch_idx):
-        self._eval_step(batch, self.test_acc, "test")
+        self._eval_step(batch, self.test_acc, self.test_loss, "test")
 
     def configure_optimizers(self):
         hp = self.hparams
