@@ -102,27 +102,47 @@ def check_output_folder(path: Path) -> None:
                           "ROBUST_TRAIN_OUTPUT or --checkpoint.dirpath to a folder you can write") from None
 
 
-def run_dir_for(recipe: str) -> Path:
+def resuming_last(argv: list[str]) -> bool:
+    """`fit ... --ckpt_path last` (or `--ckpt_path=last`)."""
+    if not argv or argv[0] != "fit":
+        return False
+    return any(a == "--ckpt_path=last" or (a == "--ckpt_path" and argv[i + 1:i + 2] == ["last"])
+               for i, a in enumerate(argv))
+
+
+def latest_run(recipe: str) -> Path | None:
+    """The most recently written run folder of `recipe` that holds a last.ckpt, if any."""
+    root = Path(os.environ.get("ROBUST_TRAIN_OUTPUT", "checkpoints")) / recipe
+    lasts = [p for p in root.glob("*/last.ckpt") if p.is_file()]
+    return max(lasts, key=lambda p: p.stat().st_mtime).parent if lasts else None
+
+
+def run_dir_for(recipe: str, resume: bool = False) -> Path:
+    """A new run folder, checkpoints/<recipe>/<date>-<time>-<random>; with `resume`, the recipe's latest run that
+    has a last.ckpt, so that `fit --ckpt_path last` continues it in place (a new folder when there is none yet:
+    a job script can pass it from the first submission on, as Lightning intends)."""
     # DDP re-launches this script once per extra rank: those processes must write into the same run folder.
     if os.environ.get("LOCAL_RANK", "0") != "0" and os.environ.get("ROBUST_TRAIN_RUN_DIR"):
         return Path(os.environ["ROBUST_TRAIN_RUN_DIR"])
-    run = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-    path = Path(os.environ.get("ROBUST_TRAIN_OUTPUT", "checkpoints")) / recipe / run
+    path = latest_run(recipe) if resume else None
+    if path is None:
+        run = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+        path = Path(os.environ.get("ROBUST_TRAIN_OUTPUT", "checkpoints")) / recipe / run
     os.environ["ROBUST_TRAIN_RUN_DIR"] = str(path)
     return path
 
 
-def run_lightning(recipe: str) -> None:
+def run_lightning(recipe: str, resume: bool = False) -> Path:
     from lightning.pytorch.cli import LightningCLI
     from lightning.pytorch.loggers import WandbLogger
     from jsonargparse import lazy_instance
 
-    from robust_train.callbacks import AttackAccuracy, MapStability, RobustCheckpoint
+    from robust_train.callbacks import AttackAccuracy, MapStability, RNGState, RobustCheckpoint
     from robust_train.checkpoint import read_checkpoint
     from robust_train.data import ImageDataModule
     from robust_train.methods import RobustModule
 
-    run_dir = run_dir_for(recipe)
+    run_dir = run_dir_for(recipe, resume)
     # "Seed set to 0" on stderr would precede a one-line error; the seed is in the saved config.yaml anyway.
     logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
 
@@ -132,6 +152,7 @@ def run_lightning(recipe: str) -> None:
             parser.add_lightning_class_args(AttackAccuracy, "attack_accuracy")
             parser.add_lightning_class_args(MapStability, "map_stability")  # cheap defaults: every 5 epochs, 50 steps
             parser.add_lightning_class_args(RobustCheckpoint, "checkpoint")
+            parser.add_lightning_class_args(RNGState, "rng_state")  # resumed runs draw what uninterrupted ones would
             parser.set_defaults({
                 "model": {"class_path": "robust_train.methods.StandardTraining"},
                 "data": {"class_path": "robust_train.data.MNISTData"},
@@ -187,6 +208,7 @@ def run_lightning(recipe: str) -> None:
         seed_everything_default=0,  # reproducible by default (and no "No seed found" warning); --seed_everything N
         parser_kwargs={"exit_on_error": False},
     )
+    return run_dir
 
 
 def config_error_in_chain(exc: BaseException) -> ConfigError | None:
@@ -204,6 +226,13 @@ def config_error_in_chain(exc: BaseException) -> ConfigError | None:
 
 
 def fail(message: str) -> int:
+    """One line on stderr, exit code 2; a run folder this command created and left empty is removed."""
+    run_dir = os.environ.get("ROBUST_TRAIN_RUN_DIR")
+    if run_dir and os.environ.get("LOCAL_RANK", "0") == "0":
+        try:
+            Path(run_dir).rmdir()  # only succeeds when empty: nothing written is ever removed
+        except OSError:
+            pass
     print(f"robust-train: error: {message}", file=sys.stderr)
     return 2
 
@@ -223,8 +252,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         argv, recipe = expand_recipe(argv)
         sys.argv = [sys.argv[0], *argv]
-        run_lightning(recipe)
+        run_lightning(recipe, resume=resuming_last(argv))
         return 0
+    except FloatingPointError as e:  # the loss went NaN or infinite: training stopped, earlier checkpoints are kept
+        last = Path(os.environ.get("ROBUST_TRAIN_RUN_DIR", "")) / "last.ckpt"
+        kept = f"; the last good checkpoint is {last}" if os.environ.get("ROBUST_TRAIN_RUN_DIR") and last.is_file() \
+            else "; no checkpoint had been written yet"
+        print(f"robust-train: error: training stopped: {e}{kept}", file=sys.stderr)
+        return 1
     except ArgumentError as e:
         cause = config_error_in_chain(e)
         if cause is not None:

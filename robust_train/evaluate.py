@@ -53,6 +53,7 @@ from robust_train.attacks.base import Attack, attack_mode, check_eps
 from robust_train.attacks.pgd import PGD
 from robust_train.attacks.suite import DEFAULT_SUITE, EXTERNAL, PRESETS, build_attack
 from robust_train.checkpoint import atomic_write_text, classifier_from_checkpoint, read_checkpoint
+from robust_train.distributed import Split, batch_seed, launch
 from robust_train.errors import ConfigError
 from robust_train.interpret.registry import MAPS
 
@@ -63,6 +64,7 @@ MAIN_EPS = {"mnist": 0.3, "cifar10": 8 / 255}  # the transition picture's ε whe
 TRANSITION = {"mnist": (7, 9)}  # (true class, target) of the transition picture, when such an image is evaluated
 TRANSITION_STEPS = 40
 PICTURE_FILES = ("gallery.png", "transition.png")
+TRANSFER_STREAM, STABILITY_STREAM = 1, 2  # random streams of batch_seed, apart from the suite's (0, ε, attack)
 
 
 def parse_eps(text: str) -> list[float]:
@@ -104,13 +106,14 @@ def read_transfer_source(path: str | Path, info: dict) -> nn.Module:
 
 
 def transfer_correct(source: nn.Module, model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack,
-                     batch_size: int) -> torch.Tensor:
+                     batch_size: int, seed: int = 0, split: Split | None = None) -> torch.Tensor:
     """Per example: does `model` still classify correctly the adversarial example crafted on `source`?"""
-    out = [torch.zeros(0, dtype=torch.bool, device=y.device)]
-    for i in range(0, len(x), batch_size):
-        x_adv = attack(source, x[i:i + batch_size], y[i:i + batch_size])
-        out.append(predictions(model, x_adv, batch_size) == y[i:i + batch_size])
-    return torch.cat(out)
+    split = split or Split()
+    correct = torch.zeros(len(x), dtype=torch.bool, device=y.device)
+    for b, rows in split.batches(len(x), batch_size):
+        torch.manual_seed(batch_seed(seed, TRANSFER_STREAM, b))
+        correct[rows] = predictions(model, attack(source, x[rows], y[rows]), batch_size) == y[rows]
+    return split.sum(correct)
 
 
 def build_datamodule(ckpt: dict, data_root: str | None):
@@ -134,7 +137,14 @@ def predictions(model, x: torch.Tensor, batch_size: int) -> torch.Tensor:
         return torch.cat([model(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
 
 
-def run_autoattack(model, x, y, eps, batch_size, device, version, seed) -> tuple[torch.Tensor, dict]:
+def autoattack_row(name: str, eps: float) -> dict:
+    """The report's description of an AutoAttack run (`autoattack`: APGD-CE + APGD-T; `autoattack_standard`)."""
+    return {"attack": name, "norm": "linf", "eps": eps, "steps": 100 if eps > 0 else 0, "step_size": None,
+            "restarts": 1, "loss": "ce+dlr", "targeted": False}
+
+
+def run_autoattack(model, x, y, eps, batch_size, device, version, seed) -> torch.Tensor:
+    """Per example: still correct after AutoAttack (its own package) at ε?"""
     try:
         from pyautoattack import AutoAttack
     except ImportError:
@@ -142,15 +152,12 @@ def run_autoattack(model, x, y, eps, batch_size, device, version, seed) -> tuple
     logging.getLogger("auto-attack").setLevel(logging.WARNING)
     if version == "standard":
         aa = AutoAttack(model, eps=eps, norm="Linf", device=device, seed=seed, version="standard")
-        row = {"attack": "autoattack_standard", "steps": 100, "restarts": 1}
     else:  # APGD-CE + APGD-T (9 target classes) as in standard AutoAttack, without FAB-T and Square
         aa = AutoAttack(model, eps=eps, norm="Linf", device=device, seed=seed, version="custom",
                         attacks=["apgd-ce", "apgd-t"])
         aa.apgd.n_restarts = 1
-        row = {"attack": "autoattack", "steps": 100, "restarts": 1}
     _, y_adv = aa.run_standard_evaluation(x, y, batch_size=batch_size)
-    return (y_adv.to(y.device) == y), {**row, "norm": "linf", "eps": eps, "step_size": None, "loss": "ce+dlr",
-                                      "targeted": False}
+    return y_adv.to(y.device) == y
 
 
 def finite_or_none(value):
@@ -227,39 +234,44 @@ def check_map_cells(model: nn.Module, x: torch.Tensor, y: torch.Tensor, map_name
 
 
 def measure_stability(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Callable, map_fn: Callable,
-                      k: int, batch_size: int, bar=None) -> dict:
+                      k: int, batch_size: int, bar=None, seed: int = 0, split: Split | None = None) -> dict:
     """Attack x in batches and aggregate τ and top-k overlap over all of them (`aggregate_stability`): one row's
-    {"kendall_tau", "topk_intersection", "n_used", "n_total", "n_constant"}, NaN means when no image is usable."""
+    {"kendall_tau", "topk_intersection", "n_used", "n_total", "n_constant"}, NaN means when no image is usable.
+    Batch b's random start comes from `batch_seed(seed, b)`; with a `split`, each rank attacks its own batches."""
     from robust_train.interpret.stability import aggregate_stability, stability_per_image  # scipy: ~1 s to import
 
-    taus, tops, same = [np.empty(0)], [np.empty(0)], [np.empty(0, dtype=bool)]
-    for i in range(0, len(x), batch_size):
-        xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+    split = split or Split()
+    per_image = torch.zeros(3, len(x), dtype=torch.float64)  # τ, top-k overlap, label unchanged (0/1)
+    for b, rows in split.batches(len(x), batch_size):
+        torch.manual_seed(batch_seed(seed, b))
+        xb, yb = x[rows], y[rows]
         tau, top, unchanged = stability_per_image(model, xb, yb, attack(model, xb, yb), map_fn, k)
-        taus.append(tau)
-        tops.append(top)
-        same.append(unchanged)
+        per_image[:, rows] = torch.from_numpy(np.stack([tau, top, unchanged]).astype(np.float64))
         if bar is not None:
             bar.update(1)
-    return aggregate_stability(np.concatenate(taus), np.concatenate(tops), np.concatenate(same))
+    tau, top, unchanged = split.sum(per_image.to(x.device)).cpu().numpy()
+    return aggregate_stability(tau, top, unchanged.astype(bool))
 
 
-def stability_rows(model, x, y, grid, names, map_name, topk, steps, batch_size, progress) -> list[dict]:
+def stability_rows(model, x, y, grid, names, map_name, topk, steps, batch_size, progress, seed: int = 0,
+                   split: Split | None = None) -> list[dict]:
     """report["map_stability"]: one row per (stability attack, ε > 0), over the images x."""
+    split = split or Split()
     map_fn = MAPS.get(map_name)
     positive = [e for e in grid if e > 0]
     if positive and names:
         check_map_cells(model, x, y, map_name, topk)
-    n_batches = -(-len(x) // batch_size)
+    n_batches = split.count(len(x), batch_size)
     rows = []
     bar = tqdm(total=len(positive) * len(names) * n_batches, desc="map stability", unit="batch",
                disable=not progress or not positive or not names)
-    for name in names:
+    for a, name in enumerate(names):
         for e in positive:
             t0 = time.perf_counter()
             bar.set_postfix_str(f"{name} eps={e:g}")
             attack = build_stability_attack(name, e, steps, differentiable_map(map_fn), topk)
-            stats = measure_stability(model, x, y, attack, map_fn, topk, batch_size, bar)
+            stats = measure_stability(model, x, y, attack, map_fn, topk, batch_size, bar,
+                                      seed=batch_seed(seed, STABILITY_STREAM, a, round(e * 1e9)), split=split)
             rows.append({"map": map_name, "attack": name, "eps": e,
                          **{key: finite_or_none(v) for key, v in stats.items()},
                          "k": topk, "steps": attack.steps, "step_size": attack.step_size,
@@ -351,7 +363,7 @@ def evaluate(ckpt_path: str, attacks: list[str] | None = None, eps: list[float] 
              stability_attacks: Sequence[str] = STABILITY_ATTACKS, stability_n: int = 200,
              stability_steps: int | None = None, map_name: str = "cam", topk: int = 8, pictures: bool = True,
              n_pictures: int = 6, out: str | Path | None = None, checks: bool = True, checks_n: int = 200,
-             transfer_from: str | Path | None = None) -> dict:
+             transfer_from: str | Path | None = None, split: Split | None = None) -> dict:
     """Run the suite, the map-stability attacks and (with `out`) the pictures; return the report as a dict (see
     `write_report`, which writes it into the same folder).
 
@@ -361,7 +373,12 @@ def evaluate(ckpt_path: str, attacks: list[str] | None = None, eps: list[float] 
     `n_pictures` images as gallery.png and a transition.png into `out` (no pictures without `out`).
     checks: run the gradient-masking checks on the first `checks_n` images (see the module docstring);
     transfer_from: a checkpoint of the same data whose PGD examples are evaluated on this model (black box).
+    split: this process's share when several evaluate together (`robust_train.distributed`): the suite, transfer
+    and stability batches are shared out and summed, with the same numbers as one process; the checks and the
+    pictures run on rank 0 alone, and only rank 0 logs.
     """
+    split = split or Split()
+    progress = progress and split.main
     attacks = list(attacks or DEFAULT_SUITE)
     for name in attacks:
         if name not in EXTERNAL:
@@ -385,29 +402,29 @@ def evaluate(ckpt_path: str, attacks: list[str] | None = None, eps: list[float] 
 
     clean = predictions(model, x, batch_size) == y
     rows, robust, worst_by_eps = [], {}, {}
-    n_batches = -(-len(x) // batch_size)
-    bar = tqdm(total=len(grid) * len(attacks) * n_batches, desc="evaluate", unit="batch", disable=not progress)
-    for e in grid:
+    bar = tqdm(total=len(grid) * len(attacks) * split.count(len(x), batch_size), desc="evaluate", unit="batch",
+               disable=not progress)
+    for ei, e in enumerate(grid):
         worst = clean.clone()
-        for name in attacks:
+        for ai, name in enumerate(attacks):
             t0 = time.perf_counter()
             bar.set_postfix_str(f"{name} eps={e:g}")
-            if name in EXTERNAL:
-                if e == 0:
-                    correct, row = clean.clone(), {"attack": name, "norm": "linf", "eps": 0.0, "steps": 0,
-                                                   "step_size": None, "restarts": 1}
+            external = name in EXTERNAL
+            attack = None if external else build_attack(name, e, steps, restarts)
+            correct = torch.zeros_like(clean)
+            for b, part in split.batches(len(x), batch_size):
+                # Batch b's random draws depend only on (seed, ε, attack, b): the same on any rank, in any order.
+                torch.manual_seed(batch_seed(seed, 0, ei, ai, b))
+                if external and e == 0:
+                    correct[part] = clean[part]
+                elif external:
+                    correct[part] = run_autoattack(model, x[part], y[part], e, batch_size, device,
+                                                   "standard" if name == "autoattack_standard" else "custom", seed)
                 else:
-                    correct, row = run_autoattack(model, x, y, e, batch_size, device,
-                                                  "standard" if name == "autoattack_standard" else "custom", seed)
-                bar.update(n_batches)
-            else:
-                attack = build_attack(name, e, steps, restarts)
-                correct = torch.empty_like(clean)
-                for i in range(0, len(x), batch_size):
-                    x_adv = attack(model, x[i:i + batch_size], y[i:i + batch_size])
-                    correct[i:i + batch_size] = predictions(model, x_adv, batch_size) == y[i:i + batch_size]
-                    bar.update(1)
-                row = attack.describe()
+                    correct[part] = predictions(model, attack(model, x[part], y[part]), batch_size) == y[part]
+                bar.update(1)
+            correct = split.sum(correct)
+            row = autoattack_row(name, e) if external else attack.describe()
             row = {"name": name, **row, "accuracy": correct.float().mean().item()}
             row["seconds"] = round(time.perf_counter() - t0, 2)
             rows.append(row)
@@ -423,13 +440,13 @@ def evaluate(ckpt_path: str, attacks: list[str] | None = None, eps: list[float] 
         t0 = time.perf_counter()
         torch.manual_seed(seed)
         attack = build_attack("pgd", main_eps, steps, restarts)
-        transfer_ok = transfer_correct(source, model, x, y, attack, batch_size)
+        transfer_ok = transfer_correct(source, model, x, y, attack, batch_size, seed, split)
         transfer = {"source": str(transfer_from), "eps": main_eps, "attack": attack.describe(), "n": len(x),
                     "accuracy": transfer_ok.float().mean().item(),
                     "source_accuracy": (predictions(source, x, batch_size) == y).float().mean().item(),
                     "seconds": round(time.perf_counter() - t0, 2)}
     check_rows, checks_settings = [], {}
-    if checks:
+    if checks and split.main:
         t0 = time.perf_counter()
         count = min(checks_n, len(x))
         at_main = {r["name"]: r["accuracy"] for r in rows if abs(r["eps"] - main_eps) < 1e-12}
@@ -450,8 +467,8 @@ def evaluate(ckpt_path: str, attacks: list[str] | None = None, eps: list[float] 
         torch.manual_seed(seed)  # the stability numbers do not depend on which accuracy attacks ran before
         count = min(stability_n, len(x))
         stability = stability_rows(model, x[:count], y[:count], grid, stability_attacks, map_name, topk,
-                                   stability_steps, batch_size, progress)
-    if maps_ok and pictures and out is not None and len(x):
+                                   stability_steps, batch_size, progress, seed, split)
+    if maps_ok and pictures and out is not None and len(x) and split.main:
         gallery_attack = next((a for a in attacks if a not in EXTERNAL), "pgd")
         figures, picture_settings = make_pictures(model, x, y, clean, grid, gallery_attack, steps, restarts, info,
                                                   Path(out), n_pictures, seed, datamodule)
@@ -476,9 +493,11 @@ def evaluate(ckpt_path: str, attacks: list[str] | None = None, eps: list[float] 
         "transfer": transfer,
         "notes": notes,
         "device": str(device),
+        "processes": split.world,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    log_to_wandb(report, figures)
+    if split.main:
+        log_to_wandb(report, figures)
     return report
 
 
@@ -588,6 +607,21 @@ def write_report(report: dict, out: Path) -> None:
     atomic_write_text(out / "report.md", format_markdown(report))
 
 
+def check_devices(devices: str, num_nodes: int) -> int | str:
+    """--devices as Fabric takes it: a positive count, or "auto"."""
+    if num_nodes <= 0:
+        raise ConfigError(f"--num-nodes {num_nodes} must be a positive integer")
+    if devices == "auto":
+        return devices
+    try:
+        count = int(devices)
+    except ValueError:
+        count = 0
+    if count <= 0:
+        raise ConfigError(f"--devices {devices!r} must be a positive number of processes (or auto)")
+    return count
+
+
 def parse_stability_attacks(text: str) -> list[str]:
     """'aai,pgd' -> ['aai', 'pgd']; 'none' (or nothing) -> []."""
     names = [a.strip() for a in text.split(",") if a.strip()]
@@ -606,12 +640,20 @@ def main(argv: list[str]) -> int:
                              "APGD-CE + APGD-T through the pyautoattack package")
     parser.add_argument("--eps", default=None, help="comma-separated budgets, e.g. 0,0.1,0.3 or 0,2/255,8/255 "
                                                     "(default: the data set's standard grid)")
-    parser.add_argument("--n", type=int, default=1000, help="number of test images (default 1000)")
+    parser.add_argument("--n", "--num-images", dest="n", type=int, default=1000,
+                        help="number of test images (default 1000; spell it --num-images after torchrun, whose own "
+                             "options --n would abbreviate)")
     parser.add_argument("--out", default=None, help="report folder (default: beside the checkpoint)")
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--steps", type=int, default=None, help="override the presets' iteration counts")
     parser.add_argument("--restarts", type=int, default=None, help="override the presets' restarts")
-    parser.add_argument("--device", default=None)
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (one process)")
+    parser.add_argument("--devices", default="1",
+                        help="processes on this machine (e.g. 4 GPUs): the images are shared out and the results "
+                             "gathered, with the same numbers as one process; under torchrun or SLURM the "
+                             "launcher's processes are used")
+    parser.add_argument("--accelerator", default="auto", help="with --devices: cpu, cuda or auto")
+    parser.add_argument("--num-nodes", type=int, default=1, help="with --devices under SLURM: machines")
     parser.add_argument("--data-root", default=None, help="where the test set lives, if not where it was trained")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stability-attacks", default=",".join(STABILITY_ATTACKS),
@@ -644,15 +686,26 @@ def main(argv: list[str]) -> int:
     check_stability_options(stability_attacks, args.stability_n, args.stability_steps, args.map, args.topk,
                             args.n_pictures)  # before the checkpoint is read
     check_checks_n(args.checks_n)
+    devices = check_devices(args.devices, args.num_nodes)
     ckpt = Path(args.ckpt)
     out = Path(args.out) if args.out else ckpt.parent / f"eval-{ckpt.stem}"
-    report = evaluate(str(ckpt), [a.strip() for a in args.attacks.split(",") if a.strip()],
-                      parse_eps(args.eps) if args.eps else None, args.n, args.batch_size, args.device,
+    attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
+    for name in attacks:
+        if name not in EXTERNAL:
+            build_attack(name, 0.0, args.steps, args.restarts)
+    eps = parse_eps(args.eps) if args.eps else None
+    read_checkpoint(ckpt)  # a bad file fails here, once, not in every process
+    split, device = launch(devices, args.accelerator, args.num_nodes)
+    report = evaluate(str(ckpt), attacks, eps, args.n, args.batch_size, device or args.device,
                       args.data_root, args.steps, args.restarts, args.seed, progress=True,
                       stability_attacks=stability_attacks, stability_n=args.stability_n,
                       stability_steps=args.stability_steps, map_name=args.map, topk=args.topk,
                       pictures=not args.no_pictures, n_pictures=args.n_pictures, out=out,
-                      checks=not args.no_checks, checks_n=args.checks_n, transfer_from=args.transfer_from)
+                      checks=not args.no_checks, checks_n=args.checks_n, transfer_from=args.transfer_from,
+                      split=split)
+    split.barrier()
+    if not split.main:
+        return 0
     write_report(report, out)
     print(f"\n{report['recipe']}: clean accuracy {report['clean_accuracy']:.4f} on {report['n_examples']} images\n")
     print(format_table(report))

@@ -11,3 +11,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def robustish_checkpoint(tmp_path_factory):
+    """A small CNN given a little fast-FGSM training at ε 0.1: robust accuracy neither 0 nor 1 at ε 0.1."""
+    import lightning.pytorch as pl
+
+    from robust_train.data import MNISTData
+    from robust_train.methods import FastFGSMTraining
+
+    torch.manual_seed(0)
+    dm = MNISTData(batch_size=64, val_size=100)
+    module = FastFGSMTraining(eps=0.1, lr=2e-3)
+    trainer = pl.Trainer(max_steps=250, limit_val_batches=0, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0,
+                         default_root_dir=tmp_path_factory.mktemp("fit"))
+    trainer.fit(module, datamodule=dm)
+    path = tmp_path_factory.mktemp("ckpt") / "model.ckpt"
+    trainer.save_checkpoint(path)
+    return path

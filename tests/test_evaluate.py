@@ -7,7 +7,6 @@ import json
 import sys
 import types
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from PIL import Image
@@ -22,7 +21,6 @@ from robust_train.errors import ConfigError
 from robust_train.evaluate import (evaluate, format_stability_table, format_table, json_safe, log_to_wandb,
                                    measure_stability, parse_eps, stability_rows, write_report)
 from robust_train.interpret.cam import cam
-from robust_train.methods import FastFGSMTraining
 
 ROW_KEYS = {"map", "attack", "eps", "kendall_tau", "topk_intersection", "n_used", "n_total", "n_constant", "steps",
             "step_size"}
@@ -35,21 +33,6 @@ def test_parse_eps_reads_fractions_without_eval():
             parse_eps(bad)
     with pytest.raises(ConfigError):
         parse_eps("0.5,1.5")
-
-
-@pytest.fixture(scope="module")
-def robustish_checkpoint(tmp_path_factory):
-    """A small CNN given a little fast-FGSM training at ε 0.1: robust accuracy neither 0 nor 1 at ε 0.1."""
-    torch.manual_seed(0)
-    dm = MNISTData(batch_size=64, val_size=100)
-    module = FastFGSMTraining(eps=0.1, lr=2e-3)
-    trainer = pl.Trainer(max_steps=250, limit_val_batches=0, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, num_sanity_val_steps=0,
-                         default_root_dir=tmp_path_factory.mktemp("fit"))
-    trainer.fit(module, datamodule=dm)
-    path = tmp_path_factory.mktemp("ckpt") / "model.ckpt"
-    trainer.save_checkpoint(path)
-    return path
 
 
 def test_worst_case_is_per_example_and_below_every_attack(robustish_checkpoint):

@@ -17,7 +17,11 @@ class AttackAccuracy(pl.Callback):
         attack: a preset name from robust_train.attacks.suite (default PGD on cross-entropy).
         eps: budgets to evaluate; None means the training method's own ε.
         steps, restarts: override the preset's (validation runs every epoch, so keep it affordable).
-        max_batches: attack only the first N batches of each epoch (None: all).
+        max_batches: attack only the first N batches of each epoch (None: all; under DDP, of each rank).
+
+    Under DDP each rank attacks its share of the validation images (none repeated: see `ImageDataModule._loader`)
+    and the counts are summed, so a deterministic attack (`fgsm`, or PGD without random start) gives exactly the
+    single-process accuracy; random starts are drawn per rank, so those agree in distribution only.
     """
 
     def __init__(self, attack: str = "pgd", eps: list[float] | None = None, steps: int | None = 20,
@@ -50,10 +54,10 @@ class AttackAccuracy(pl.Callback):
 
     def _end(self, pl_module, stage: str):
         for i, (eps, metric) in enumerate(self.metrics.items()):
-            value = metric.compute()
+            value = metric.compute()  # torchmetrics sums the counts over DDP ranks: every rank holds the global value
             if i == 0:
-                pl_module.log(f"{stage}/robust_acc", value, prog_bar=True)
-            pl_module.log(f"{stage}/robust_acc@{eps:g}", value)
+                pl_module.log(f"{stage}/robust_acc", value, prog_bar=True, sync_dist=True)
+            pl_module.log(f"{stage}/robust_acc@{eps:g}", value, sync_dist=True)
             metric.reset()
 
     def on_validation_epoch_start(self, trainer, pl_module):

@@ -3,11 +3,12 @@
 carved from the training set, and a fast in-memory dataset that hands the DataLoader whole batches."""
 from __future__ import annotations
 
+import os
 from typing import Callable, Sequence
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, Subset, default_collate
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset, default_collate
 
 from robust_train.errors import ConfigError
 
@@ -41,6 +42,22 @@ class TensorImageDataset(Dataset):
         if self.augment is not None:
             x = self.augment(x)  # on uint8: a quarter of the memory traffic of float
         return x.div(255), self.labels.index_select(0, idx)  # uint8 / 255 is float32 in one op
+
+
+class EpochShuffle(RandomSampler):
+    """A random order per epoch drawn from (seed, epoch) alone; Lightning calls `set_epoch` before each epoch (and
+    replaces this sampler with a DistributedSampler, seeded the same way, under DDP)."""
+
+    def __init__(self, data_source: Dataset, seed: int):
+        super().__init__(data_source)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 10_007 + self.epoch)
+        yield from torch.randperm(len(self.data_source), generator=generator).tolist()
 
 
 def collate(batch):
@@ -83,7 +100,7 @@ class ImageDataModule(LightningDataModule):
         val_size: int | None = 1000,
         seed: int = 0,
         num_workers: int = 0,
-        pin_memory: bool = False,
+        pin_memory: bool | None = None,
     ):
         super().__init__()
         # Collects the subclass's init arguments too (Lightning walks the super().__init__ chain).
@@ -99,7 +116,8 @@ class ImageDataModule(LightningDataModule):
         self.val_size = val_size
         self.seed = seed
         self.num_workers = num_workers
-        self.pin_memory = pin_memory
+        # None: pinned (page-locked) batches when a GPU is there, so the copy to it can overlap the step
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
@@ -145,8 +163,16 @@ class ImageDataModule(LightningDataModule):
         train: tuple[torch.Tensor, torch.Tensor],
         test: tuple[torch.Tensor, torch.Tensor],
         augment: BatchTransform | None = None,
+        source: str | None = None,
     ) -> tuple[TensorImageDataset, TensorImageDataset, TensorImageDataset]:
-        """Train/val/test for data held in memory as uint8 tensors; only the training part is augmented."""
+        """Train/val/test for data held in memory as uint8 tensors (N, C, H, W); only the training part is
+        augmented. Both parts are checked first (`robust_train.data.validate`): a ConfigError naming `source` (the
+        file or folder read) when one is empty, has the wrong shape or has labels out of range."""
+        from robust_train.data.validate import check_images_and_labels
+
+        for split, (images, labels) in (("training", train), ("test", test)):
+            check_images_and_labels(source or str(self.root or self.name), images, labels, self.in_channels,
+                                    self.image_size, self.num_classes, split)
         x, y = train
         val_idx, train_idx = self.split_indices(len(y), self.val_size or 0)
         return (
@@ -156,10 +182,27 @@ class ImageDataModule(LightningDataModule):
         )
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        sampler, generator = None, None
+        if shuffle:
+            # The order of an epoch depends on (seed, epoch) alone and the loader draws from its own generator, not
+            # from the global one: a run resumed from a checkpoint sees the batches, and the attacks the random
+            # numbers, that the uninterrupted run saw (see robust_train.callbacks.rng_state).
+            seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) * 1_000_003 + self.seed
+            sampler, shuffle = EpochShuffle(dataset, seed), False
+            generator = torch.Generator().manual_seed(seed)
+        elif torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Validation and test under DDP: each rank takes every world-size-th image and none is repeated, so the
+            # synced metrics count every image exactly once, as one process would (Lightning's default sampler
+            # pads the ranks to equal length with repeated images). Lightning keeps a DistributedSampler it is given.
+            from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+            sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
+            sampler=sampler,
+            generator=generator,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
