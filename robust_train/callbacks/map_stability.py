@@ -10,9 +10,11 @@ Logged, per attack and ε (`<stage>` is `val` or `test`):
     <stage>/map_n_used/<attack>@<ε>   how many images those means are over (summed over processes)
     <stage>/map_gallery               (image) 4 validation images over ε = 0 and every ε, attacked by the first attack
 
-Under DDP every process scores its own batches; τ and top-k are the mean of the per-process means (`sync_dist`),
-so a process with no usable image makes the logged τ NaN. The numbers are a trend to watch, not a result: the
-evaluation (`python -m robust_train evaluate`) is where the full-strength attack on a full test set belongs.
+Under DDP the `max_batches` are shared out (each of W processes attacks its first ceil(max_batches / W) batches,
+which together are the images one process would take) and τ and top-k are pooled over all usable images of all
+processes, as one process would pool them; the random starts differ, so the numbers agree in distribution. They
+are a trend to watch, not a result: the evaluation (`python -m robust_train evaluate`) is where the full-strength
+attack on a full test set belongs.
 """
 from __future__ import annotations
 
@@ -144,14 +146,20 @@ class MapStability(pl.Callback):
         loaders = trainer.val_dataloaders if stage == "val" else trainer.test_dataloaders
         eps_list = self.budgets(pl_module)
         model = pl_module.model
+        share = -(-self.max_batches // max(1, trainer.world_size))
         with torch.inference_mode(False):  # batches loaded here are ordinary tensors even under inference mode
-            batches = list(self.first_batches(loaders, self.max_batches, pl_module.device))
+            batches = list(self.first_batches(loaders, share, pl_module.device))
         results = self.stability(model, batches, eps_list)
         for (name, eps), r in results.items():
             suffix = f"{name}@{eps:g}"
-            pl_module.log(f"{stage}/map_tau/{suffix}", float(r["kendall_tau"]), sync_dist=True)
-            pl_module.log(f"{stage}/map_topk/{suffix}", float(r["topk_intersection"]), sync_dist=True)
-            pl_module.log(f"{stage}/map_n_used/{suffix}", float(r["n_used"]), sync_dist=True, reduce_fx="sum")
+            n = float(r["n_used"])
+            sums = torch.tensor([np.nan_to_num(r["kendall_tau"]) * n, np.nan_to_num(r["topk_intersection"]) * n, n],
+                                dtype=torch.float64, device=pl_module.device)
+            tau_sum, topk_sum, n = trainer.strategy.reduce(sums, reduce_op="sum").tolist()  # pooled over ranks
+            # the same value on every rank, so sync_dist's mean changes nothing (and Lightning does not warn)
+            pl_module.log(f"{stage}/map_tau/{suffix}", tau_sum / n if n else float("nan"), sync_dist=True)
+            pl_module.log(f"{stage}/map_topk/{suffix}", topk_sum / n if n else float("nan"), sync_dist=True)
+            pl_module.log(f"{stage}/map_n_used/{suffix}", n, sync_dist=True)
         if self.log_images and batches and trainer.is_global_zero:
             loggers = [lg for lg in trainer.loggers if callable(getattr(lg, "log_image", None))]
             if loggers:
