@@ -132,6 +132,20 @@ def run_dir_for(recipe: str, resume: bool = False) -> Path:
     return path
 
 
+def check_same_model(ckpt: dict, module, path) -> None:
+    """ConfigError when the checkpoint's weights do not fit `module` (another architecture, other channels or
+    classes), instead of the traceback of a strict load_state_dict halfway into the run."""
+    theirs, ours = ckpt.get("state_dict") or {}, module.state_dict()
+    missing = [k for k in ours if k not in theirs]
+    extra = [k for k in theirs if k not in ours]
+    shapes = [k for k in ours if k in theirs and tuple(theirs[k].shape) != tuple(ours[k].shape)]
+    if missing or extra or shapes:
+        first = (f"{shapes[0]} is {tuple(theirs[shapes[0]].shape)} there, {tuple(ours[shapes[0]].shape)} here"
+                 if shapes else f"{len(missing)} weights missing, {len(extra)} unexpected")
+        raise ConfigError(f"checkpoint {path} holds another model than the one configured ({first}): give the "
+                          "recipe and options it was trained with, or a checkpoint of this model")
+
+
 def run_lightning(recipe: str, resume: bool = False) -> Path:
     from lightning.pytorch.cli import LightningCLI
     from lightning.pytorch.loggers import WandbLogger
@@ -185,6 +199,9 @@ def run_lightning(recipe: str, resume: bool = False) -> Path:
             if self.datamodule is not None:
                 self.datamodule.setup(self.subcommand)
             self.model = self._get(self.config_init, "model")
+            ckpt_path = self.config[self.subcommand].get("ckpt_path") if self.subcommand else None
+            if ckpt_path and Path(str(ckpt_path)).is_file():  # "last"/"best" are resolved by Lightning later
+                check_same_model(read_checkpoint(ckpt_path), self.model, ckpt_path)
             self._add_configure_optimizers_method_to_model(self.subcommand)
             self.trainer = self.instantiate_trainer()
 

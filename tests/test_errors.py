@@ -63,6 +63,8 @@ def write_bad_data(d):
                 "robust_train": {"arch": "small_cnn", "data_spec": spec, "eps": 0.0, "recipe": "standard"},
                 "datamodule_hyper_parameters": {"_class_path": "robust_train.data.CIFAR10Data",
                                                 "root": str(d / "nowhere")}}, d / "cifar.ckpt")
+    whole = (d / "cifar.ckpt").read_bytes()
+    (d / "truncated.ckpt").write_bytes(whole[:len(whole) // 2])  # a copy cut off halfway
 
 
 CIFAR_NPZ = ["fit", "--recipe", "standard", "--data", "robust_train.data.CIFAR10Data", "--data.init_args.root"]
@@ -112,6 +114,10 @@ CASES = {
     "data without training images": ([*CIFAR_NPZ, "{bad}/empty_train.npz"], "x_train is empty"),
     "image folder without images": (["fit", "--recipe", "standard", "--data", "robust_train.data.ImageFolderData",
                                      "--data.init_args.root", "{bad}/no_images"], "no images found under"),
+    "evaluate truncated checkpoint": (["evaluate", "--ckpt", "{bad}/truncated.ckpt"], "corrupt"),
+    "test truncated checkpoint": (["test", "--recipe", "standard", "--ckpt_path", "{bad}/truncated.ckpt"], "corrupt"),
+    "validate another model's checkpoint": (["validate", "--recipe", "standard", "--ckpt_path", "{bad}/cifar.ckpt"],
+                                            "another model"),
     "evaluate on infinite test images": (["evaluate", "--ckpt", "{bad}/cifar.ckpt", "--data-root", "{bad}/inf.npz",
                                      "--no-pictures", "--no-checks"], "x_test has 1 infinite"),
 }
