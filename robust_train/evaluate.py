@@ -204,6 +204,14 @@ def build_stability_attack(name: str, eps: float, steps: int | None = None, map_
     raise ConfigError(f"unknown stability attack {name!r}: choose from {known}, or none")
 
 
+def check_attacks(attacks: list[str], steps: int | None, restarts: int | None) -> list[str]:
+    """The attack names, after a ConfigError for any unknown one (before any work is done)."""
+    for name in attacks:
+        if name not in EXTERNAL:
+            build_attack(name, 0.0, steps, restarts)
+    return attacks
+
+
 def check_checks_n(checks_n) -> None:
     if isinstance(checks_n, bool) or not isinstance(checks_n, numbers.Integral) or checks_n <= 0:
         raise ConfigError(f"--checks-n {checks_n!r} must be a positive integer")
@@ -379,10 +387,7 @@ def evaluate(ckpt_path: str, attacks: list[str] | None = None, eps: list[float] 
     """
     split = split or Split()
     progress = progress and split.main
-    attacks = list(attacks or DEFAULT_SUITE)
-    for name in attacks:
-        if name not in EXTERNAL:
-            build_attack(name, 0.0, steps, restarts)  # unknown names fail before any work
+    attacks = check_attacks(list(attacks or DEFAULT_SUITE), steps, restarts)
     stability_attacks = list(stability_attacks or ())
     check_stability_options(stability_attacks, stability_n, stability_steps, map_name, topk, n_pictures)
     check_checks_n(checks_n)
@@ -689,10 +694,7 @@ def main(argv: list[str]) -> int:
     devices = check_devices(args.devices, args.num_nodes)
     ckpt = Path(args.ckpt)
     out = Path(args.out) if args.out else ckpt.parent / f"eval-{ckpt.stem}"
-    attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
-    for name in attacks:
-        if name not in EXTERNAL:
-            build_attack(name, 0.0, args.steps, args.restarts)
+    attacks = check_attacks([a.strip() for a in args.attacks.split(",") if a.strip()], args.steps, args.restarts)
     eps = parse_eps(args.eps) if args.eps else None
     read_checkpoint(ckpt)  # a bad file fails here, once, not in every process
     split, device = launch(devices, args.accelerator, args.num_nodes)

@@ -3,6 +3,16 @@ import pytest
 import torch
 
 
+def quiet_trainer(root, **kwargs):
+    """A Trainer for tests: CPU, no logger, checkpoints, progress bar, summary or sanity check, and inference mode
+    off so that attacks run at validation; `kwargs` override any of it."""
+    import lightning.pytorch as pl
+
+    return pl.Trainer(**{"accelerator": "cpu", "logger": False, "enable_checkpointing": False,
+                         "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0,
+                         "inference_mode": False, "default_root_dir": root, **kwargs})
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models gain nothing from intra-op threads, and on a shared CPU a descheduled OpenMP thread stalls
@@ -16,17 +26,13 @@ def one_thread():
 @pytest.fixture(scope="session")
 def robustish_checkpoint(tmp_path_factory):
     """A small CNN given a little fast-FGSM training at ε 0.1: robust accuracy neither 0 nor 1 at ε 0.1."""
-    import lightning.pytorch as pl
-
     from robust_train.data import MNISTData
     from robust_train.methods import FastFGSMTraining
 
     torch.manual_seed(0)
     dm = MNISTData(batch_size=64, val_size=100)
     module = FastFGSMTraining(eps=0.1, lr=2e-3)
-    trainer = pl.Trainer(max_steps=250, limit_val_batches=0, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, num_sanity_val_steps=0,
-                         default_root_dir=tmp_path_factory.mktemp("fit"))
+    trainer = quiet_trainer(tmp_path_factory.mktemp("fit"), max_steps=250, limit_val_batches=0)
     trainer.fit(module, datamodule=dm)
     path = tmp_path_factory.mktemp("ckpt") / "model.ckpt"
     trainer.save_checkpoint(path)

@@ -3,7 +3,6 @@ methods.md §2.4: the score is the spatial mean of a_c ⊙ b = Tr(Xᵀ X b a_c�
 GAP + linear, spatial permutations leave the score alone, and gradients reach both factors at init."""
 from __future__ import annotations
 
-import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,6 +18,7 @@ from robust_train.interpret import (MAPS, all_class_cams, attention_map, cam, gr
 from robust_train.methods import StandardTraining
 from robust_train.models import create_model
 from robust_train.models.attention_pool import AttentionPoolClassifier
+from tests.conftest import quiet_trainer
 
 MNIST = {"in_channels": 1, "mean": (0.1307,), "std": (0.3081,)}
 
@@ -212,10 +212,8 @@ def test_trains_three_steps_in_lightning_with_attention_map_stability(mnist, tmp
     torch.manual_seed(0)
     module = StandardTraining(arch="attention_pool", arch_kwargs={"backbone": "small_cnn", "init_std": 0.1})
     before = [p.detach().clone() for p in module.parameters()]
-    trainer = pl.Trainer(max_steps=3, limit_val_batches=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                         num_sanity_val_steps=0, val_check_interval=3, inference_mode=False,
-                         callbacks=[AttackAccuracy(steps=2, max_batches=1),
+    trainer = quiet_trainer(tmp_path, max_steps=3, limit_val_batches=1, val_check_interval=3,
+                            callbacks=[AttackAccuracy(steps=2, max_batches=1),
                                     MapStability(every_n_epochs=1, steps=2, max_batches=1, map="attention",
                                                  log_images=False)])
     trainer.fit(module, datamodule=mnist)

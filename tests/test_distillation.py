@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from robust_train.methods.distillation import DistillationTraining, soft_cross_entropy, soft_labels
+from tests.conftest import quiet_trainer
 
 
 def test_soft_labels_sum_to_one_and_flatten_with_temperature():
@@ -39,14 +40,11 @@ def test_bad_arguments_are_config_errors(bad):
 
 
 def fit(root, teacher_path, temperature=20.0, batches=4):
-    import lightning.pytorch as pl
     from robust_train.data import MNISTData
 
     torch.manual_seed(0)
     module = DistillationTraining(temperature=temperature, teacher_path=str(teacher_path), teacher_epochs=1)
-    trainer = pl.Trainer(max_epochs=1, limit_train_batches=batches, limit_val_batches=0, logger=False,
-                         enable_checkpointing=False, inference_mode=False, accelerator="cpu",
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=root)
+    trainer = quiet_trainer(root, max_epochs=1, limit_train_batches=batches, limit_val_batches=0)
     trainer.fit(module, datamodule=MNISTData(batch_size=32))
     return module, trainer
 

@@ -15,6 +15,7 @@ from robust_train.errors import ConfigError
 from robust_train.methods import METHODS
 from robust_train.methods.distillation import file_sha256
 from robust_train.methods.ensemble_adv import EnsembleAdvTraining
+from tests.conftest import quiet_trainer
 
 TINY_STATIC = {"static_epochs": 1, "static_max_batches": 2}
 
@@ -53,14 +54,11 @@ def test_bad_arguments_are_config_errors(bad):
 
 
 def fit(root, batches=3, **kwargs):
-    import lightning.pytorch as pl
     from robust_train.data import MNISTData
 
     torch.manual_seed(0)
     module = EnsembleAdvTraining(**{"static_dir": str(root / "static"), **TINY_STATIC, **kwargs})
-    trainer = pl.Trainer(max_epochs=1, limit_train_batches=batches, limit_val_batches=0, logger=False,
-                         enable_checkpointing=False, inference_mode=False, accelerator="cpu",
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=root)
+    trainer = quiet_trainer(root, max_epochs=1, limit_train_batches=batches, limit_val_batches=0)
     trainer.fit(module, datamodule=MNISTData(batch_size=32))
     return module, trainer
 

@@ -7,7 +7,6 @@ Each method's step on real MNIST images, its loss against the formula computed h
 """
 from __future__ import annotations
 
-import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,6 +17,7 @@ from robust_train.errors import ConfigError
 from robust_train.interpret.discrepancy import interpretation_discrepancy
 from robust_train.methods import (METHODS, Int2AdvTraining, Int2Training, IntAdvTraining, IntOneClassTraining,
                                   IntTraining, PGDTraining, StandardTraining)
+from tests.conftest import quiet_trainer
 
 INT_METHODS = [IntTraining, IntAdvTraining, IntOneClassTraining, Int2Training, Int2AdvTraining]
 FAST = {"steps": 3, "step_size": 0.1}
@@ -190,9 +190,7 @@ def test_negative_lam_is_rejected_and_zero_accepted():
 def test_lightning_fit_with_int2_adv_updates_the_parameters(tmp_path):
     module = make(Int2AdvTraining, lam=0.01, lr=1e-3)
     before = [p.detach().clone() for p in module.parameters()]
-    trainer = pl.Trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=1, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         inference_mode=False, accelerator="cpu", num_sanity_val_steps=0, default_root_dir=tmp_path)
+    trainer = quiet_trainer(tmp_path, max_epochs=1, limit_train_batches=3, limit_val_batches=1)
     trainer.fit(module, datamodule=MNISTData(batch_size=16, val_size=16))
     assert trainer.global_step == 3
     assert all(not torch.equal(a, b) for a, b in zip(before, module.parameters())), "a parameter did not move"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import json
 
-import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,6 +20,7 @@ from robust_train.data import MNISTData
 from robust_train.evaluate import evaluate
 from robust_train.methods import StandardTraining
 from robust_train.models import create_model
+from tests.conftest import quiet_trainer
 
 ALL_CHECKS = ["deterministic", "outputs_are_logits", "zero_gradients", "monotone_in_eps", "monotone_in_steps",
               "iterative_not_weaker", "large_eps_breaks", "noise_not_stronger"]
@@ -137,9 +137,7 @@ def tiny_checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     dm = MNISTData(batch_size=128, val_size=100)
     module = StandardTraining(eps=0.1, lr=5e-3)
-    trainer = pl.Trainer(max_steps=40, limit_val_batches=0, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, num_sanity_val_steps=0, enable_checkpointing=False,
-                         default_root_dir=tmp_path_factory.mktemp("fit"))
+    trainer = quiet_trainer(tmp_path_factory.mktemp("fit"), max_steps=40, limit_val_batches=0)
     trainer.fit(module, datamodule=dm)
     path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
     trainer.save_checkpoint(path)

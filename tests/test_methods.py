@@ -1,7 +1,6 @@
 """Each training method's step on real MNIST batches, the shared base's machinery, and the methods' math."""
 from __future__ import annotations
 
-import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,6 +10,7 @@ from robust_train.callbacks import AttackAccuracy, RobustCheckpoint
 from robust_train.data import MNISTData
 from robust_train.methods import (METHODS, FastFGSMTraining, FGSMTraining, PGDTraining, RobustModule,
                                   StandardTraining, TRADESTraining)
+from tests.conftest import quiet_trainer
 
 SMALL = {name: {"steps": 3} for name in ("PGDTraining", "TRADESTraining", "IntTraining", "IntAdvTraining",
                                           "IntOneClassTraining", "Int2Training", "Int2AdvTraining")}
@@ -36,10 +36,8 @@ def make(name: str, **kwargs) -> RobustModule:
 def test_each_method_trains_a_few_steps_and_logs_robust_accuracy(name, mnist, tmp_path):
     module = make(name)
     before = [p.detach().clone() for p in module.parameters()]
-    trainer = pl.Trainer(max_steps=3, limit_val_batches=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                         callbacks=[AttackAccuracy(steps=2, max_batches=1)], num_sanity_val_steps=0,
-                         val_check_interval=3)
+    trainer = quiet_trainer(tmp_path, max_steps=3, limit_val_batches=1, val_check_interval=3,
+                            callbacks=[AttackAccuracy(steps=2, max_batches=1)])
     trainer.fit(module, datamodule=mnist)
     assert any(not torch.equal(a, b) for a, b in zip(before, module.parameters())), "no parameter moved"
     metrics = trainer.callback_metrics
@@ -137,9 +135,8 @@ def test_last_checkpoint_follows_every_epoch_even_when_the_monitor_stops_improvi
     # A standard model's robust accuracy at eps 0.3 stays 0: no new best after epoch 0, yet last.ckpt must move on.
     ckpt = RobustCheckpoint(dirpath=tmp_path, monitor="val/robust_acc", mode="max", save_last=True,
                             filename="{epoch}")
-    trainer = pl.Trainer(max_epochs=3, limit_train_batches=2, limit_val_batches=1, logger=False,
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                         callbacks=[AttackAccuracy(eps=[1.0], steps=1), ckpt])
+    trainer = quiet_trainer(tmp_path, max_epochs=3, limit_train_batches=2, limit_val_batches=1,
+                            enable_checkpointing=True, callbacks=[AttackAccuracy(eps=[1.0], steps=1), ckpt])
     trainer.fit(make("StandardTraining"), datamodule=mnist)
     assert torch.load(tmp_path / "last.ckpt", weights_only=True)["epoch"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch=0.ckpt", "last.ckpt"]

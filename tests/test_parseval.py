@@ -19,6 +19,7 @@ from robust_train.errors import ConfigError
 from robust_train.methods.parseval import ParsevalTraining
 from robust_train.methods.parseval_math import (ConvexCombination, orthogonal_init_, orthonormality_error,
                                                 parseval_retraction_, project_to_simplex)
+from tests.conftest import quiet_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -219,9 +220,7 @@ def fit_three_batches(beta: float, tmp_path) -> ParsevalTraining:
     calls = []
     step = module.parseval_step
     module.parseval_step = lambda: (calls.append(1), step())
-    trainer = pl.Trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=0, logger=False,
-                         enable_checkpointing=False, inference_mode=False, accelerator="cpu",
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = quiet_trainer(tmp_path, max_epochs=1, limit_train_batches=3, limit_val_batches=0)
     trainer.fit(module, datamodule=MNISTData(batch_size=16))
     assert len(calls) == 3, "one retraction per optimiser step"
     assert torch.isfinite(trainer.callback_metrics["train/loss"])

@@ -25,6 +25,7 @@ from robust_train.interpret import MAPS, interpretation_map, prototype_map, top_
 from robust_train.methods.protopnet import ProtoPNetTraining, cluster_separation, phase_plan
 from robust_train.models import create_model
 from robust_train.models.protopnet import ProtoPNet
+from tests.conftest import quiet_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 MNIST = {"in_channels": 1, "mean": (0.1307,), "std": (0.3081,)}
@@ -309,10 +310,8 @@ def test_fit_joint_push_then_last_layer_in_lightning(mnist, tmp_path):
                                arch_kwargs={"prototypes_per_class": 2, "prototype_dim": 16})
     snap, push = Snapshot(), PrototypePush(max_batches=4)
     assert module.configure_callbacks()[0].__class__ is PrototypePush  # added when the Trainer has none
-    trainer = pl.Trainer(max_epochs=2, limit_train_batches=3, limit_val_batches=1, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         default_root_dir=tmp_path, num_sanity_val_steps=0, inference_mode=False,
-                         callbacks=[push, snap, AttackAccuracy(steps=2, max_batches=1),
+    trainer = quiet_trainer(tmp_path, max_epochs=2, limit_train_batches=3, limit_val_batches=1,
+                            callbacks=[push, snap, AttackAccuracy(steps=2, max_batches=1),
                                     MapStability(every_n_epochs=1, steps=2, max_batches=1, map="prototype",
                                                  log_images=False)])
     trainer.fit(module, datamodule=mnist)
