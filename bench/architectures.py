@@ -2,33 +2,41 @@
 and ProtoPNet, trained the same way, under FGSM, BIM, PGD and MIM: the seed's table (shared/seeds/
 000_b5c68cee53e7b51a.txt, "Accuracy of different networks to attacks") reproduced on our CIFAR-10 subset.
 
-    python bench/architectures.py [--epochs 30] [--batch-size 128] [--n 1017] [--device cuda]
+    python bench/architectures.py [--epochs 30] [--head-epochs 10] [--batch-size 128] [--n 1017] [--device cuda]
         [--models vgg16_bn,attention_pool,protopnet] [--max-train N] [--retrain] [--data PATH]
         [--ckpt-dir bench/out/architectures] [--margin-steps 100] [--checks-n 256]
         [--out bench/out/architectures.json]
 
 Smoke test (CPU, a few minutes, numbers meaningless; keep its checkpoints out of bench/out):
 
-    OMP_NUM_THREADS=1 python bench/architectures.py --epochs 1 --max-train 256 --n 64 --margin-steps 20 \
-        --checks-n 32 --ckpt-dir /tmp/arch_smoke_ckpt --out /tmp/arch_smoke.json
+    OMP_NUM_THREADS=1 python bench/architectures.py --epochs 1 --head-epochs 3 --max-train 256 --n 64 \
+        --margin-steps 20 --checks-n 32 --ckpt-dir /tmp/arch_smoke_ckpt --out /tmp/arch_smoke.json
 
-Models (same backbone, vgg16_bn from scratch; same data, augmentation, batch size, seed and backbone epochs):
+Models: one shared backbone, then each model on it. The seed's networks were ImageNet-pretrained and fine-tuned;
+we have no pretrained weights offline, so `backbone`, a vgg16_bn with GAP + linear head, is trained first from
+scratch (`StandardTraining`, Adam 1e-3, cosine to 0, no weight decay, --epochs) and plays the pretrained network.
+Each model then starts from its weights and trains --head-epochs more, so all three see the same backbone budget:
 
-* `vgg16_bn`: GAP + linear head, `StandardTraining` (Adam 1e-3, cosine to 0, no weight decay);
-* `attention_pool` on vgg16_bn: rank-1 attentional pooling head (init_std 0.1, no dropout, as
-  recipes/attention_pool.yaml), the same `StandardTraining`;
-* `protopnet` on vgg16_bn: `ProtoPNetTraining` with ProtoPNet's own phases (10 prototypes per class, D = 128,
-  official loss coefficients). From scratch there is nothing for a warm phase to protect (warm_epochs 0, as
-  recipes/protopnet.yaml); the backbone trains at the others' Adam 1e-3 (no weight decay), ×0.1 for the last third
-  of its joint epochs (StepLR); two pushes (middle and end of the joint epochs, or one push when --epochs < 6), each
-  followed by `max(1, min(5, epochs // 10))` last-layer epochs (Adam 1e-3) *on top of* the --epochs joint epochs,
-  so its backbone gets the same number of epochs as the others' and the run ends on pushed prototypes (checked:
-  the JSON records how many prototypes the `PrototypePush` callback placed).
+* `vgg16_bn`: the backbone itself (its GAP + linear head kept), `StandardTraining` at Adam 3e-4, cosine;
+* `attention_pool`: the backbone's feature extractor with a new rank-1 attentional pooling head (init_std 0.1, no
+  dropout, as recipes/attention_pool.yaml), the same `StandardTraining`;
+* `protopnet`: the backbone's feature extractor with a new prototype layer (10 prototypes per class, D = 128),
+  `ProtoPNetTraining` with the official schedule for a pretrained backbone in --head-epochs: warm (a fifth of the
+  epochs: backbone frozen, add-on and prototypes at 3e-3), joint (backbone 1e-4, StepLR(5, 0.1)), one push after the
+  last joint epoch, last-layer epochs (a fifth, Adam 1e-4), so the run ends on pushed prototypes (checked: the JSON
+  records how many prototypes the `PrototypePush` callback placed); official loss coefficients.
+
+Why not from scratch, as a first version of this script did: a random ProtoPNet's similarities log((d+1)/(d+1e-4))
+sit near 1/d with d ≈ 20 for every image, so its logits differ across images by ~0.08 and the cross-entropy reaches
+the backbone through a factor ~1/d² while the cluster cost pulls at full strength; measured, 8 epochs from scratch
+left it at 12% validation accuracy (chance 10%) where the GAP model had 48%. The warm phase exists to give it a
+trained backbone.
 
 Training uses the Lightning Trainer on our methods in this process (logger and Lightning checkpointing off, clean
 validation on the data module's 500 held-out training images each epoch). The final weights go to
-<ckpt-dir>/<model>/final.ckpt (a robust_train checkpoint, `robust_train.load` reads it) with train.json beside it;
-a later run reuses them when train.json's settings equal the requested ones, unless --retrain.
+<ckpt-dir>/<backbone or model>/final.ckpt (a robust_train checkpoint, `robust_train.load` reads it) with
+train.json beside it; a later run reuses them when train.json's settings (for a model, the backbone's too) equal the requested ones,
+unless --retrain.
 
 Evaluation on the first --n test images (default all 1,017), L∞, images in [0, 1], the model in eval mode; the
 seed's column notation (ε in /255, iterations):
@@ -50,8 +58,8 @@ monotone in ε, ...), with the FGSM and PGD columns reused for its FGSM-vs-PGD c
 
 The table prints our row above the seed's published one ("published, CUB-12") for each architecture. Their setting
 differs from ours in everything but the attacks: 12 CUB-200 bird classes, 300 training and 299 test images, ImageNet-
-pretrained networks at CUB resolution; ours is 10 CIFAR-10 classes at 32×32, 4,585 training images, trained from
-scratch. Absolute accuracies are therefore not comparable: compare the orderings (which architecture is most robust
+pretrained networks at CUB resolution; ours is 10 CIFAR-10 classes at 32×32, 4,585 training images, on a backbone
+trained here from scratch. Absolute accuracies are therefore not comparable: compare the orderings (which architecture is most robust
 under each attack), which the output lists per column. --max-train and small --epochs are for smoke tests only.
 Figures, settings, the machine (platform, torch, device name) and the date go to --out (JSON, written after each
 model so a crash keeps the finished ones).
@@ -92,6 +100,8 @@ MARGIN_STEPS = 100        # the suite's pgd_margin preset
 ATTACKS = ("fgsm", "bim", "pgd", "mim")  # the seed's column order
 ITERATIVE = ("bim", "pgd", "mim", "pgd_margin")
 SEED_FILE = "shared/seeds/000_b5c68cee53e7b51a.txt (lines 240-270)"
+COMMON = {"eps": 8 / 255}  # not used for training; recorded in the checkpoint
+TUNE_LR = 3e-4             # Adam, cosine to 0, for every model's epochs on the trained backbone
 
 # The seed's table: accuracy of networks under attack, 12 CUB classes, 299 test images, pretrained networks.
 PUBLISHED = {
@@ -214,41 +224,40 @@ def masking_rows(model, x, y, table: dict, checks_n: int, batch_size: int, seed:
 
 
 # -------------------------------------------------------------------------------------------------------- training
-def protopnet_schedule(epochs: int) -> dict:
-    """ProtoPNetTraining's schedule for `epochs` backbone (joint) epochs: two pushes (after the middle and the last
-    joint epoch) when epochs >= 6, else one after the last, each followed by last-layer epochs; the joint rates
-    ×0.1 for the last third of the joint epochs. Returns its kwargs plus "max_epochs" (Lightning epochs)."""
-    last = max(1, min(5, epochs // 10))
-    if epochs >= 6:
-        push_start = epochs // 2 - 1
-        push_every = epochs - 1 - push_start
-        pushes = 2
-    else:
-        push_start, push_every, pushes = epochs - 1, 0, 1
-    step = math.ceil(2 * epochs / 3) if epochs >= 3 else 0
-    return {"warm_epochs": 0, "push_start": push_start, "push_every": push_every, "last_layer_epochs": last,
-            "joint_lr_step_size": step, "joint_lr_gamma": 0.1, "max_epochs": epochs + pushes * last}
+def protopnet_schedule(head_epochs: int) -> dict:
+    """ProtoPNetTraining's schedule on a trained backbone in `head_epochs` Lightning epochs: warm (backbone frozen,
+    add-on and prototypes learn), joint, one push after the last joint epoch, then last-layer epochs, so the run
+    ends on pushed prototypes. Warm and last-layer phases take a fifth of the epochs each (at least one)."""
+    if head_epochs < 3:
+        raise ValueError(f"protopnet needs --head-epochs >= 3 (warm, joint, last layer), got {head_epochs}")
+    warm = last = max(1, head_epochs // 5)
+    joint = head_epochs - warm - last
+    return {"warm_epochs": warm, "push_start": warm + joint - 1, "push_every": 0, "last_layer_epochs": last}
 
 
-def method_config(name: str, epochs: int) -> tuple[str, dict, int]:
-    """(method class name, its init kwargs without data_spec, Lightning max_epochs) for one of MODELS."""
-    common = {"eps": 8 / 255}  # not used for training; recorded in the checkpoint
-    standard = {**common, "optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "lr_schedule": "cosine"}
+def backbone_config(epochs: int) -> tuple[str, dict, int]:
+    """(method, kwargs, max_epochs) of the shared backbone: vgg16_bn from scratch, GAP + linear head."""
+    return "StandardTraining", {"arch": "vgg16_bn", **COMMON, "optimizer": "adam", "lr": 1e-3,
+                                "weight_decay": 0.0, "lr_schedule": "cosine"}, epochs
+
+
+def method_config(name: str, head_epochs: int) -> tuple[str, dict, int]:
+    """(method class name, its init kwargs without data_spec, Lightning max_epochs) of one of MODELS, trained for
+    `head_epochs` on top of the shared backbone (see the module docstring)."""
+    tune = {**COMMON, "optimizer": "adam", "lr": TUNE_LR, "weight_decay": 0.0, "lr_schedule": "cosine"}
     if name == "vgg16_bn":
-        return "StandardTraining", {"arch": "vgg16_bn", **standard}, epochs
+        return "StandardTraining", {"arch": "vgg16_bn", **tune}, head_epochs
     if name == "attention_pool":
         return "StandardTraining", {"arch": "attention_pool", "arch_kwargs": {
-            "backbone": "vgg16_bn", "init_std": 0.1, "attention_dropout": 0.0}, **standard}, epochs
+            "backbone": "vgg16_bn", "init_std": 0.1, "attention_dropout": 0.0}, **tune}, head_epochs
     if name == "protopnet":
-        sched = protopnet_schedule(epochs)
-        max_epochs = sched.pop("max_epochs")
+        # ProtoPNet's official rates for a pretrained backbone (backbone 1e-4, add-on and prototypes 3e-3, last
+        # layer 1e-4, StepLR(5, 0.1) on the joint rates) and official loss coefficients.
         return "ProtoPNetTraining", {
             "arch": "protopnet",
             "arch_kwargs": {"backbone": "vgg16_bn", "prototypes_per_class": 10, "prototype_dim": 128},
-            **common, "adversarial": None, **sched,
-            "joint_lr_features": 1e-3, "joint_lr_add_on": 3e-3, "joint_lr_prototypes": 3e-3,
-            "feature_weight_decay": 0.0, "last_layer_lr": 1e-3,
-            "clst_weight": 0.8, "sep_weight": 0.08, "l1_weight": 1e-4}, max_epochs
+            **COMMON, "adversarial": None, **protopnet_schedule(head_epochs),
+            "clst_weight": 0.8, "sep_weight": 0.08, "l1_weight": 1e-4}, head_epochs
     raise SystemExit(f"unknown model {name!r}: choose from {', '.join(MODELS)}")
 
 
@@ -271,46 +280,59 @@ def trainer_device(device: str) -> tuple[str, object]:
     return "cpu", 1
 
 
-def train_settings(name: str, args, dm) -> dict:
-    method, kwargs, max_epochs = method_config(name, args.epochs)
-    return {"model": name, "method": method, "kwargs": kwargs, "epochs": args.epochs, "max_epochs": max_epochs,
+def train_settings(stage: str, config: tuple[str, dict, int], args, dm, backbone: dict | None) -> dict:
+    method, kwargs, max_epochs = config
+    return {"model": stage, "method": method, "kwargs": kwargs, "max_epochs": max_epochs,
             "batch_size": args.batch_size, "train_images": len(dm.train_set), "val_images": len(dm.val_set),
             "max_train": args.max_train, "augment": "random crop (pad 4) + horizontal flip", "seed": args.seed,
-            "data": str(Path(args.data).resolve())}
+            "data": str(Path(args.data).resolve()),
+            # a model tuned on a backbone is stale once the backbone is retrained
+            "backbone": None if backbone is None else {"checkpoint": backbone["checkpoint"],
+                                                       "date": backbone["date"]}}
 
 
-def train(name: str, args, dm) -> tuple[Path, dict]:
-    """Train one model (or reuse <ckpt-dir>/<model>/final.ckpt made with the same settings); returns the checkpoint
-    and the training record."""
+def load_backbone(module, backbone_ckpt: Path, whole: bool) -> None:
+    """Copy the trained backbone into module.model: the whole classifier (whole) or only its `body`, the feature
+    extractor that the attention and prototype heads read."""
+    trained = classifier_from_checkpoint(read_checkpoint(backbone_ckpt))
+    target, source = (module.model, trained) if whole else (module.model.body, trained.body)
+    target.load_state_dict(source.state_dict())
+
+
+def train(stage: str, config: tuple[str, dict, int], args, dm, backbone: dict | None = None) -> tuple[Path, dict]:
+    """Train one stage (the backbone, or a model on it) or reuse <ckpt-dir>/<stage>/final.ckpt made with the same
+    settings; returns the checkpoint and the training record."""
     import lightning.pytorch as pl
 
     from robust_train.methods import StandardTraining
     from robust_train.methods.protopnet import ProtoPNetTraining
 
-    folder = Path(args.ckpt_dir) / name
+    folder = Path(args.ckpt_dir) / stage
     ckpt, record_path = folder / "final.ckpt", folder / "train.json"
-    settings = train_settings(name, args, dm)
+    settings = train_settings(stage, config, args, dm, backbone)
     if ckpt.is_file() and record_path.is_file() and not args.retrain:
         record = json.loads(record_path.read_text())
         if record.get("settings") == settings:
-            log(f"{name}: reusing {ckpt} (trained {record.get('date')}, {record.get('seconds', 0) / 60:.1f} min)")
+            log(f"{stage}: reusing {ckpt} (trained {record.get('date')}, {record.get('seconds', 0) / 60:.1f} min)")
             return ckpt, {**record, "reused": True}
-        log(f"{name}: {ckpt} was trained with other settings; retraining")
+        log(f"{stage}: {ckpt} was trained with other settings; retraining")
 
-    method, kwargs, max_epochs = settings["method"], settings["kwargs"], settings["max_epochs"]
+    method, kwargs, max_epochs = config
     pl.seed_everything(args.seed, workers=True)
     cls = {"StandardTraining": StandardTraining, "ProtoPNetTraining": ProtoPNetTraining}[method]
     module = cls(data_spec=dm.spec, **kwargs)
-    module.run_info = {"recipe": f"bench/architectures:{name}"}
+    module.run_info = {"recipe": f"bench/architectures:{stage}"}
+    if backbone is not None:
+        load_backbone(module, Path(backbone["checkpoint"]), whole=kwargs["arch"] == "vgg16_bn")
     accelerator, devices = trainer_device(args.device)
     trainer = pl.Trainer(max_epochs=max_epochs, accelerator=accelerator, devices=devices, logger=False,
                          enable_checkpointing=False, enable_progress_bar=args.progress, enable_model_summary=False,
                          num_sanity_val_steps=0, inference_mode=False, default_root_dir=str(folder))
-    extra = ""
+    extra = "" if backbone is None else " on the trained backbone"
     if method == "ProtoPNetTraining":
         phases, pushes = module.plan(max_epochs)
-        extra = f", phases {''.join(p[0] for p in phases)} (w/j/l), push after epochs {sorted(pushes)}"
-    log(f"{name}: training {method} {max_epochs} epochs on {len(dm.train_set)} images{extra}")
+        extra += f", phases {''.join(p[0] for p in phases)} (w/j/l), push after epochs {sorted(pushes)}"
+    log(f"{stage}: training {method} {max_epochs} epochs on {len(dm.train_set)} images{extra}")
     t0 = time.time()
     trainer.fit(module, datamodule=dm)
     seconds = time.time() - t0
@@ -327,13 +349,13 @@ def train(name: str, args, dm) -> tuple[Path, dict]:
                        "last_push_epoch": push_cb[0].last_push["epoch"] if push_cb and push_cb[0].last_push else None,
                        "pushed_prototypes": pushed, "prototypes": int(model.num_prototypes)})
         if not pushed:
-            log(f"{name}: WARNING no prototype was pushed (PrototypePush did not run?)")
+            log(f"{stage}: WARNING no prototype was pushed (PrototypePush did not run?)")
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / ".final.ckpt.partial"
     trainer.save_checkpoint(str(tmp), weights_only=True)  # the weights and our model description
     os.replace(tmp, ckpt)
     atomic_write_text(record_path, json.dumps(record, indent=2) + "\n")
-    log(f"{name}: trained in {seconds / 60:.1f} min, val acc {record['val_acc']}"
+    log(f"{stage}: trained in {seconds / 60:.1f} min, val acc {record['val_acc']}"
         + (f", {record['pushed_prototypes']}/{record['prototypes']} prototypes pushed (last push after epoch "
            f"{record['last_push_epoch']})" if method == "ProtoPNetTraining" else "") + f" -> {ckpt}")
     return ckpt, {**record, "reused": False}
@@ -413,8 +435,9 @@ def orderings(rows: dict) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--epochs", type=int, default=30, help="backbone epochs per model (ProtoPNet adds its "
-                   "last-layer epochs on top)")
+    p.add_argument("--epochs", type=int, default=30, help="epochs of the shared vgg16_bn backbone, from scratch")
+    p.add_argument("--head-epochs", type=int, default=10, help="epochs of each model on the trained backbone "
+                   "(ProtoPNet: warm, joint, push, last layer; at least 3)")
     p.add_argument("--batch-size", type=int, default=128, help="training batch")
     p.add_argument("--eval-batch-size", type=int, default=256)
     p.add_argument("--n", type=int, default=1017, help="first n test images evaluated (the subset has 1,017)")
@@ -435,9 +458,11 @@ def main(argv=None):
     for m in models:
         if m not in MODELS:
             p.error(f"unknown model {m!r}: choose from {', '.join(MODELS)}")
-    if min(args.epochs, args.batch_size, args.eval_batch_size, args.n, args.margin_steps) <= 0 or \
+    if "protopnet" in models and args.head_epochs < 3:
+        p.error("--head-epochs must be at least 3 for protopnet (warm, joint and last-layer epochs)")
+    if min(args.epochs, args.head_epochs, args.batch_size, args.eval_batch_size, args.n, args.margin_steps) <= 0 or \
             args.checks_n < 0 or (args.max_train is not None and args.max_train <= 0):
-        p.error("--epochs, --batch-size, --eval-batch-size, --n, --margin-steps and --max-train must be positive")
+        p.error("--epochs, --head-epochs, --batch-size, --eval-batch-size, --n, --margin-steps and --max-train must be positive")
     if not Path(args.data).exists():
         p.error(f"--data {args.data} not found: point it at cifar10_subset.npz")
     logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
@@ -446,7 +471,7 @@ def main(argv=None):
                   ".*overridden `on_after_batch_transfer`.*"):
         warnings.filterwarnings("ignore", message=noise)
 
-    smoke = args.max_train is not None or args.epochs < 30
+    smoke = args.max_train is not None or args.epochs < 30 or args.head_epochs < 10
     info = machine_info(args.device)
     dm = make_datamodule(args)
     x, y = dm.test_tensors(args.n)
@@ -455,7 +480,7 @@ def main(argv=None):
     result = {
         "benchmark": "architectures", "seed": SEED_FILE, "published_setting": PUBLISHED_SETTING,
         "published": PUBLISHED,
-        "settings": {"epochs": args.epochs, "batch_size": args.batch_size, "eval_batch_size": args.eval_batch_size,
+        "settings": {"epochs": args.epochs, "head_epochs": args.head_epochs, "batch_size": args.batch_size, "eval_batch_size": args.eval_batch_size,
                      "n": len(y), "test_images": "first n of the CIFAR-10 subset's test set",
                      "train_images": len(dm.train_set), "max_train": args.max_train,
                      "data": str(Path(args.data).resolve()), "eps": list(EPS), "steps": STEPS,
@@ -471,9 +496,12 @@ def main(argv=None):
         atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
 
     t_all = time.time()
+    backbone_ckpt, backbone_record = train("backbone", backbone_config(args.epochs), args, dm)
+    result["backbone"] = backbone_record
+    backbone = {"checkpoint": str(backbone_ckpt), "date": backbone_record["date"]}
     for name in models:
         t_model = time.time()
-        ckpt, record = train(name, args, dm)
+        ckpt, record = train(name, method_config(name, args.head_epochs), args, dm, backbone)
         model = classifier_from_checkpoint(read_checkpoint(ckpt)).to(args.device).eval()
         log(f"{name}: attacks on {len(y)} test images")
         t0 = time.time()
@@ -501,10 +529,11 @@ def main(argv=None):
     rows = result["models"]
     n = len(y)
     print(f"\n## Accuracy (%) of architectures under attack, no adversarial training: ours (CIFAR-10 subset, "
-          f"vgg16_bn backbone from scratch, {args.epochs} epochs, {len(dm.train_set)} training images) vs the "
+          f"one vgg16_bn backbone trained {args.epochs} epochs from scratch, then {args.head_epochs} epochs per model, "
+          f"{len(dm.train_set)} training images) vs the "
           "seed's (CUB-12, pretrained)\n")
     if smoke:
-        print("**SMOKE SETTINGS (--max-train or --epochs < 30): the numbers say nothing about the architectures**\n")
+        print("**SMOKE SETTINGS (--max-train, --epochs < 30 or --head-epochs < 10): the numbers say nothing about the architectures**\n")
     print("Columns (ε/255, iterations), L∞: FGSM α=ε; BIM α=ε/10 from x; PGD α=2.5ε/10 from a random start, last "
           f"iterate; MIM α=ε/10, μ=1; PGDm margin loss, {args.margin_steps} steps, α=ε cosine, best iterate; "
           f"worst = per example over clean and every attack at that ε. Test images: ours the first {n} of the "
@@ -529,7 +558,8 @@ def main(argv=None):
             print(f"  {name}: SUSPECTED" + (f"; failed checks: {', '.join(failed)}" if failed else ""))
             for f in flags:
                 print(f"    {f}")
-    print("\nTime: " + "; ".join(
+    b = result["backbone"]
+    print(f"\nTime: backbone {b['seconds'] / 60:.1f} min{' (reused)' if b.get('reused') else ''}; " + "; ".join(
         f"{m} train {r['training']['seconds'] / 60:.1f} min{' (reused)' if r['training'].get('reused') else ''}, "
         f"attacks {r['seconds_eval'] / 60:.1f} min" + (f", checks {r['seconds_checks'] / 60:.1f} min"
                                                         if "seconds_checks" in r else "")

@@ -80,15 +80,50 @@ def test_masking_rows_and_table_text():
     assert "published, CUB-12" in text and "88.96" in text and "PGDm (8,2)" in text and "worst (8)" in text
 
 
-@pytest.mark.parametrize("epochs", [1, 2, 5, 6, 10, 30])
-def test_protopnet_schedule_pushes_and_ends_on_last_layer(epochs):
-    s = arch.protopnet_schedule(epochs)
-    max_epochs = s.pop("max_epochs")
-    phases, pushes = phase_plan(max_epochs, s["warm_epochs"], s["push_start"], s["push_every"],
+@pytest.mark.parametrize("head_epochs", [3, 4, 5, 10, 12])
+def test_protopnet_schedule_warms_pushes_once_and_ends_on_last_layer(head_epochs):
+    s = arch.protopnet_schedule(head_epochs)
+    phases, pushes = phase_plan(head_epochs, s["warm_epochs"], s["push_start"], s["push_every"],
                                 s["last_layer_epochs"])
-    assert phases.count("joint") == epochs  # the backbone gets the same epochs as the other models
-    assert pushes and phases[-1] == "last"
-    assert max(pushes) == len(phases) - 1 - s["last_layer_epochs"]
+    assert len(phases) == head_epochs and phases[0] == "warm" and "joint" in phases
+    assert phases[-1] == "last" and len(pushes) == 1  # the run ends on pushed prototypes
+    assert max(pushes) == len(phases) - 1 - s["last_layer_epochs"] and phases[max(pushes)] == "joint"
+    assert arch.method_config("protopnet", head_epochs)[2] == head_epochs  # no epochs on top: same budget
+
+
+def test_protopnet_needs_three_head_epochs():
+    with pytest.raises(ValueError, match="at least 3|>= 3"):
+        arch.protopnet_schedule(2)
+
+
+def fake_checkpoint(module, path):
+    ckpt = {"state_dict": {f"model.{k}": v for k, v in module.model.state_dict().items()}}
+    module.on_save_checkpoint(ckpt)
+    torch.save(ckpt, path)
+    return path
+
+
+@pytest.mark.parametrize("name", arch.MODELS)
+def test_every_model_starts_from_the_backbone(name, tmp_path):
+    from robust_train.methods import StandardTraining
+    from robust_train.methods.protopnet import ProtoPNetTraining
+
+    spec = {"name": "cifar10", "num_classes": 10, "in_channels": 3, "mean": [0.5] * 3, "std": [0.25] * 3}
+    torch.manual_seed(0)
+    method, kwargs, _ = arch.backbone_config(1)
+    backbone = StandardTraining(data_spec=spec, **kwargs)
+    path = fake_checkpoint(backbone, tmp_path / "backbone.ckpt")
+    method, kwargs, _ = arch.method_config(name, 5)
+    torch.manual_seed(1)  # a different initialisation, so equality below means copied
+    module = {"StandardTraining": StandardTraining, "ProtoPNetTraining": ProtoPNetTraining}[method](
+        data_spec=spec, **kwargs)
+    arch.load_backbone(module, path, whole=kwargs["arch"] == "vgg16_bn")
+    for (k, v), w in zip(backbone.model.body.state_dict().items(), module.model.body.state_dict().values()):
+        assert torch.equal(v, w), k
+    if name == "vgg16_bn":
+        assert torch.equal(module.model.head.weight, backbone.model.head.weight)
+    else:  # a new head of another shape, left as initialised
+        assert module.model.head.weight.shape != backbone.model.head.weight.shape
 
 
 def test_orderings_group_ties():
