@@ -35,8 +35,8 @@ trained backbone.
 Training uses the Lightning Trainer on our methods in this process (logger and Lightning checkpointing off, clean
 validation on the data module's 500 held-out training images each epoch). The final weights go to
 <ckpt-dir>/<backbone or model>/final.ckpt (a robust_train checkpoint, `robust_train.load` reads it) with
-train.json beside it; a later run reuses them when train.json's settings (for a model, the backbone's too) equal the requested ones,
-unless --retrain.
+train.json beside it; a later run reuses them when train.json's settings (for a model, the backbone's too)
+equal the requested ones, unless --retrain.
 
 Evaluation on the first --n test images (default all 1,017), L∞, images in [0, 1], the model in eval mode; the
 seed's column notation (ε in /255, iterations):
@@ -59,10 +59,10 @@ monotone in ε, ...), with the FGSM and PGD columns reused for its FGSM-vs-PGD c
 The table prints our row above the seed's published one ("published, CUB-12") for each architecture. Their setting
 differs from ours in everything but the attacks: 12 CUB-200 bird classes, 300 training and 299 test images, ImageNet-
 pretrained networks at CUB resolution; ours is 10 CIFAR-10 classes at 32×32, 4,585 training images, on a backbone
-trained here from scratch. Absolute accuracies are therefore not comparable: compare the orderings (which architecture is most robust
-under each attack), which the output lists per column. --max-train and small --epochs are for smoke tests only.
-Figures, settings, the machine (platform, torch, device name) and the date go to --out (JSON, written after each
-model so a crash keeps the finished ones).
+trained here from scratch. Absolute accuracies are therefore not comparable: compare the orderings (which
+architecture is most robust under each attack), which the output lists per column. --max-train and small
+--epochs or --head-epochs are for smoke tests only. Figures, settings, the machine (platform, torch, device name)
+and the date go to --out (JSON, written after each model so a crash keeps the finished ones).
 """
 from __future__ import annotations
 
@@ -462,7 +462,8 @@ def main(argv=None):
         p.error("--head-epochs must be at least 3 for protopnet (warm, joint and last-layer epochs)")
     if min(args.epochs, args.head_epochs, args.batch_size, args.eval_batch_size, args.n, args.margin_steps) <= 0 or \
             args.checks_n < 0 or (args.max_train is not None and args.max_train <= 0):
-        p.error("--epochs, --head-epochs, --batch-size, --eval-batch-size, --n, --margin-steps and --max-train must be positive")
+        p.error("--epochs, --head-epochs, --batch-size, --eval-batch-size, --n, --margin-steps and --max-train "
+                "must be positive")
     if not Path(args.data).exists():
         p.error(f"--data {args.data} not found: point it at cifar10_subset.npz")
     logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
@@ -480,7 +481,8 @@ def main(argv=None):
     result = {
         "benchmark": "architectures", "seed": SEED_FILE, "published_setting": PUBLISHED_SETTING,
         "published": PUBLISHED,
-        "settings": {"epochs": args.epochs, "head_epochs": args.head_epochs, "batch_size": args.batch_size, "eval_batch_size": args.eval_batch_size,
+        "settings": {"epochs": args.epochs, "head_epochs": args.head_epochs, "batch_size": args.batch_size,
+                     "eval_batch_size": args.eval_batch_size,
                      "n": len(y), "test_images": "first n of the CIFAR-10 subset's test set",
                      "train_images": len(dm.train_set), "max_train": args.max_train,
                      "data": str(Path(args.data).resolve()), "eps": list(EPS), "steps": STEPS,
@@ -533,7 +535,8 @@ def main(argv=None):
           f"{len(dm.train_set)} training images) vs the "
           "seed's (CUB-12, pretrained)\n")
     if smoke:
-        print("**SMOKE SETTINGS (--max-train, --epochs < 30 or --head-epochs < 10): the numbers say nothing about the architectures**\n")
+        print("**SMOKE SETTINGS (--max-train, --epochs < 30 or --head-epochs < 10): the numbers say nothing about "
+              "the architectures**\n")
     print("Columns (ε/255, iterations), L∞: FGSM α=ε; BIM α=ε/10 from x; PGD α=2.5ε/10 from a random start, last "
           f"iterate; MIM α=ε/10, μ=1; PGDm margin loss, {args.margin_steps} steps, α=ε cosine, best iterate; "
           f"worst = per example over clean and every attack at that ε. Test images: ours the first {n} of the "
