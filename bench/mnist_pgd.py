@@ -29,7 +29,8 @@ def train(recipe: str, out: Path, extra: list[str]) -> Path:
     start = time.time()
     subprocess.run([sys.executable, "-m", "robust_train", "fit", "--recipe", recipe,
                     "--trainer.enable_progress_bar", "false", *extra], check=True, env=env)
-    runs = sorted((out / recipe).iterdir(), key=lambda p: p.stat().st_mtime)
+    # run folders only: a recipe may keep other files there (distillation's teacher, ensemble_adv's static models)
+    runs = sorted((p for p in (out / recipe).iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
     print(f"trained {recipe} in {(time.time() - start) / 60:.1f} min -> {runs[-1]}")
     return runs[-1] / "last.ckpt"
 
