@@ -17,16 +17,12 @@ What the table should show, and the script checks:
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mnist_pgd import train  # noqa: E402  (bench scripts are not a package)
+from mnist_pgd import train, write_result  # noqa: E402  (bench scripts are not a package)
 
 from robust_train.evaluate import evaluate  # noqa: E402
 
@@ -118,13 +114,9 @@ def main(argv=None):
         print(f"{claim}: {'HOLDS' if f['holds'] else 'DOES NOT HOLD'}  "
               + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                           for k, v in f.items() if k != "holds"))
-    result = {"benchmark": "defences", "n": args.n, "eps": args.eps, "attacks": ATTACKS, "rows": rows,
-              "findings": found, "checkpoints": ckpts, "source": source, "trained_minutes": trained,
-              "eval_seconds": seconds, "machine": platform.platform(), "threads": torch.get_num_threads(),
-              "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M")}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, {"benchmark": "defences", "n": args.n, "eps": args.eps, "attacks": ATTACKS, "rows": rows,
+                            "findings": found, "checkpoints": ckpts, "source": source, "trained_minutes": trained,
+                            "eval_seconds": seconds})
 
 
 if __name__ == "__main__":

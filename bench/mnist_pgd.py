@@ -35,6 +35,15 @@ def train(recipe: str, out: Path, extra: list[str]) -> Path:
     return runs[-1] / "last.ckpt"
 
 
+def write_result(out: str | Path, result: dict) -> None:
+    """Stamp the benchmark's JSON with the machine, torch and the date, and write it to `out`."""
+    result = {**result, "machine": platform.platform(), "threads": torch.get_num_threads(),
+              "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M")}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=1000)
@@ -71,12 +80,7 @@ def main():
              "suite_within_1.5pt_of_autoattack": all(abs(r["suite_minus_autoattack"]) <= 0.015
                                                      for r in rows.values())}
     print("\ngoals: " + ", ".join(f"{k}: {'MET' if v else 'NOT MET'}" for k, v in goals.items()))
-    result = {"benchmark": "mnist_pgd", "n": args.n, "eps": args.eps, "rows": rows, "goals": goals,
-              "machine": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "date": time.strftime("%Y-%m-%d %H:%M")}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, {"benchmark": "mnist_pgd", "n": args.n, "eps": args.eps, "rows": rows, "goals": goals})
 
 
 if __name__ == "__main__":
