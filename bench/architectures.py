@@ -29,7 +29,7 @@ Each model then starts from its weights and trains --head-epochs more, so all th
 Why not from scratch, as a first version of this script did: a random ProtoPNet's similarities log((d+1)/(d+1e-4))
 sit near 1/d with d ≈ 20 for every image, so its logits differ across images by ~0.08 and the cross-entropy reaches
 the backbone through a factor ~1/d² while the cluster cost pulls at full strength; measured, 8 epochs from scratch
-left it at 12% validation accuracy (chance 10%) where the GAP model had 48%. The warm phase exists to give it a
+left it at 12% validation accuracy (chance 10%) where the GAP model had 48%. ProtoPNet's warm phase assumes a
 trained backbone.
 
 Training uses the Lightning Trainer on our methods in this process (logger and Lightning checkpointing off, clean
@@ -286,9 +286,7 @@ def train_settings(stage: str, config: tuple[str, dict, int], args, dm, backbone
             "batch_size": args.batch_size, "train_images": len(dm.train_set), "val_images": len(dm.val_set),
             "max_train": args.max_train, "augment": "random crop (pad 4) + horizontal flip", "seed": args.seed,
             "data": str(Path(args.data).resolve()),
-            # a model tuned on a backbone is stale once the backbone is retrained
-            "backbone": None if backbone is None else {"checkpoint": backbone["checkpoint"],
-                                                       "date": backbone["date"]}}
+            "backbone": backbone}  # a model tuned on a backbone is stale once the backbone is retrained
 
 
 def load_backbone(module, backbone_ckpt: Path, whole: bool) -> None:
