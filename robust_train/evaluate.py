@@ -51,6 +51,7 @@ from robust_train import masking_checks
 from robust_train.attacks.aai import AAI
 from robust_train.attacks.base import Attack, attack_mode, check_eps
 from robust_train.attacks.pgd import PGD
+from robust_train.attacks.pgd_prototype import is_prototype_model
 from robust_train.attacks.suite import DEFAULT_SUITE, EXTERNAL, PRESETS, build_attack
 from robust_train.checkpoint import atomic_write_text, classifier_from_checkpoint, read_checkpoint
 from robust_train.distributed import Split, batch_seed, launch
@@ -209,6 +210,18 @@ def check_attacks(attacks: list[str], steps: int | None, restarts: int | None) -
     for name in attacks:
         if name not in EXTERNAL:
             build_attack(name, 0.0, steps, restarts)
+    return attacks
+
+
+def suite_for(model: nn.Module, attacks: list[str] | None) -> list[str]:
+    """The attacks to run on this model: the named ones, else the default suite, plus the adaptive
+    `pgd_prototype` on a ProtoPNet, whose log similarity saturates every loss on its logits (see that attack)."""
+    prototypes = is_prototype_model(model)
+    if attacks is None:
+        return [*DEFAULT_SUITE, *(["pgd_prototype"] if prototypes else [])]
+    if "pgd_prototype" in attacks and not prototypes:
+        raise ConfigError(f"--attacks pgd_prototype needs a ProtoPNet checkpoint; this one holds a "
+                          f"{type(model).__name__}: drop pgd_prototype")
     return attacks
 
 
@@ -387,7 +400,7 @@ def evaluate(ckpt_path: str, attacks: list[str] | None = None, eps: list[float] 
     """
     split = split or Split()
     progress = progress and split.main
-    attacks = check_attacks(list(attacks or DEFAULT_SUITE), steps, restarts)
+    attacks = check_attacks(list(attacks), steps, restarts) if attacks else None
     stability_attacks = list(stability_attacks or ())
     check_stability_options(stability_attacks, stability_n, stability_steps, map_name, topk, n_pictures)
     check_checks_n(checks_n)
@@ -395,6 +408,7 @@ def evaluate(ckpt_path: str, attacks: list[str] | None = None, eps: list[float] 
     info = ckpt["robust_train"]
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = classifier_from_checkpoint(ckpt).to(device)
+    attacks = suite_for(model, attacks)
     source = read_transfer_source(transfer_from, info).to(device) if transfer_from is not None else None
     grid = list(eps if eps is not None else info["data_spec"].get("eps_grid") or [info["eps"]])
     datamodule = build_datamodule(ckpt, data_root)
@@ -640,9 +654,9 @@ def parse_stability_attacks(text: str) -> list[str]:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="robust-train evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", required=True, help="checkpoint written by fit (e.g. .../last.ckpt)")
-    parser.add_argument("--attacks", default=",".join(DEFAULT_SUITE),
-                        help=f"comma-separated presets (default {','.join(DEFAULT_SUITE)}); 'autoattack' runs "
-                             "APGD-CE + APGD-T through the pyautoattack package")
+    parser.add_argument("--attacks", default=None,
+                        help=f"comma-separated presets (default {','.join(DEFAULT_SUITE)}, plus pgd_prototype on a "
+                             "ProtoPNet); 'autoattack' runs APGD-CE + APGD-T through the pyautoattack package")
     parser.add_argument("--eps", default=None, help="comma-separated budgets, e.g. 0,0.1,0.3 or 0,2/255,8/255 "
                                                     "(default: the data set's standard grid)")
     parser.add_argument("--n", "--num-images", dest="n", type=int, default=1000,
@@ -694,7 +708,8 @@ def main(argv: list[str]) -> int:
     devices = check_devices(args.devices, args.num_nodes)
     ckpt = Path(args.ckpt)
     out = Path(args.out) if args.out else ckpt.parent / f"eval-{ckpt.stem}"
-    attacks = check_attacks([a.strip() for a in args.attacks.split(",") if a.strip()], args.steps, args.restarts)
+    attacks = (check_attacks([a.strip() for a in args.attacks.split(",") if a.strip()], args.steps, args.restarts)
+               if args.attacks else None)
     eps = parse_eps(args.eps) if args.eps else None
     read_checkpoint(ckpt)  # a bad file fails here, once, not in every process
     split, device = launch(devices, args.accelerator, args.num_nodes)

@@ -139,7 +139,9 @@ def objective(attack, model, x_eval, x_clean, y):
 def test_every_registered_attack_is_covered():
     # These lower an interpretation map's mass or raise a map discrepancy, not a classification loss, and need a
     # Classifier (features/head): they are covered by tests/test_aai.py and tests/test_discrepancy.py.
-    assert set(ATTACKS.names()) - {"aai", "pgd_discrepancy"} <= {c.name for c in CASES}, "add a Case for the new attack"
+    # pgd_prototype needs a ProtoPNet: tests/test_pgd_prototype.py.
+    assert set(ATTACKS.names()) - {"aai", "pgd_discrepancy", "pgd_prototype"} <= {c.name for c in CASES}, \
+        "add a Case for the new attack"
 
 
 # ------------------------------------------------------------------------------------------- threat model

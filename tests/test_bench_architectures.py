@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from robust_train.methods.protopnet import phase_plan
+from robust_train.models import create_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -78,6 +79,20 @@ def test_masking_rows_and_table_text():
     assert {r["check"] for r in rows} >= {"iterative_not_weaker", "monotone_in_steps", "large_eps_breaks"}
     text = arch.format_table({"vgg16_bn": {"accuracy": t["accuracy"]}}, t["attacks"], t["n"])
     assert "published, CUB-12" in text and "88.96" in text and "PGDm (8,2)" in text and "worst (8)" in text
+    assert "PGDp" not in text and "pgd_prototype_8" not in t["accuracy"]  # the adaptive attack: ProtoPNet only
+
+
+def test_protopnet_gets_the_adaptive_attack_in_its_worst_case():
+    torch.manual_seed(0)
+    model = create_model("protopnet", num_classes=10, prototypes_per_class=1, prototype_dim=8, widths=(4, 8, 8),
+                         in_channels=3).eval()
+    x, y = torch.rand(16, 3, 28, 28), torch.arange(16) % 10
+    t = arch.attack_table(model, x, y, steps=2, margin_steps=2, batch_size=16)
+    assert {"pgd_prototype_2", "pgd_prototype_8"} <= set(t["attacks"])
+    assert t["attacks"]["pgd_prototype_8"]["logits"].startswith("head(-min_distance)")
+    assert not (t["correct"]["worst_8"] & ~t["correct"]["pgd_prototype_8"]).any()
+    text = arch.format_table({"protopnet": {"accuracy": t["accuracy"]}}, t["attacks"], t["n"])
+    assert "PGDp (8,2)" in text and "PGDp (2,2)" in text
 
 
 @pytest.mark.parametrize("head_epochs", [3, 4, 5, 10, 12])

@@ -5,11 +5,12 @@ from robust_train.attacks.fgsm import FGSM
 from robust_train.attacks.rand_fgsm import RandFGSM
 from robust_train.attacks.pgd import PGD
 from robust_train.attacks.pgd_targeted import MultiTargetedPGD
+from robust_train.attacks.pgd_prototype import PrototypePGD
 from robust_train.attacks.bim import BIM
 from robust_train.attacks.mim import MIM
 from robust_train.attacks.trades_kl import TRADESKL
 from robust_train.attacks.aai import AAI
 from robust_train.attacks.pgd_discrepancy import DiscrepancyPGD
 
-__all__ = ["AAI", "Attack", "ATTACKS", "BIM", "DiscrepancyPGD", "FGSM", "MIM", "MultiTargetedPGD", "PGD", "RandFGSM", "TRADESKL", "attack_loss", "attack_mode",
+__all__ = ["AAI", "Attack", "ATTACKS", "BIM", "DiscrepancyPGD", "FGSM", "MIM", "MultiTargetedPGD", "PGD", "PrototypePGD", "RandFGSM", "TRADESKL", "attack_loss", "attack_mode",
            "create_attack", "project"]

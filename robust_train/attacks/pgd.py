@@ -8,8 +8,8 @@ from typing import Literal
 
 import torch
 
-from robust_train.attacks.base import (Attack, Projector, attack_loss, check_positive, input_gradient,
-                                       random_start, steepest_step)
+from robust_train.attacks.base import (Attack, Projector, attack_loss, check_positive, random_start,
+                                       steepest_step, upcast)
 from robust_train.attacks.registry import register_attack
 from robust_train.errors import ConfigError
 
@@ -49,16 +49,29 @@ class PGD(Attack):
         for _ in range(self.restarts):
             x_adv = random_start(x, self.eps, self.norm) if self.random_start else x
             for t in range(self.steps):
-                grad, logits, losses = input_gradient(model, x_adv, y, self.loss, target)
+                grad, logits, losses = self.gradient(model, x_adv, y, target)
                 if best is not None:
                     best.update(x_adv, logits, losses, y, target)
                 x_adv = project(steepest_step(x_adv, grad, self.step_at(t), self.norm))
             if best is None:
                 return x_adv
             with torch.no_grad():
-                logits = model(x_adv)
-                best.update(x_adv, logits, attack_loss(logits, y, self.loss, target), y, target)
+                logits, losses = self.objective(model, x_adv, y, target)
+                best.update(x_adv, logits, losses, y, target)
         return best.x
+
+    def objective(self, model, x_adv, y, target) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, per-example loss to ascend) at x_adv. Subclasses change the loss here, not the loop; the
+        logits are the model's own, since they decide which iterate counts as a success."""
+        logits = upcast(model(x_adv))
+        return logits, attack_loss(logits, y, self.loss, target)
+
+    def gradient(self, model, x_adv, y, target):
+        """(∇ of the summed objective at x_adv, logits, losses), taken at the iterate itself (see base)."""
+        x_adv = x_adv.detach().requires_grad_(True)
+        logits, losses = self.objective(model, x_adv, y, target)
+        (grad,) = torch.autograd.grad(losses.sum(), x_adv)
+        return grad, logits.detach(), losses.detach()
 
     def step_at(self, t: int) -> float:
         if self.step_schedule == "constant":

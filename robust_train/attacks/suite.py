@@ -10,6 +10,7 @@ from robust_train.attacks.bim import BIM
 from robust_train.attacks.fgsm import FGSM
 from robust_train.attacks.mim import MIM
 from robust_train.attacks.pgd import PGD
+from robust_train.attacks.pgd_prototype import PrototypePGD
 from robust_train.attacks.pgd_targeted import MultiTargetedPGD
 from robust_train.attacks.rand_fgsm import RandFGSM
 from robust_train.errors import ConfigError
@@ -28,6 +29,10 @@ PRESETS: dict[str, Callable[..., Attack]] = {
                                                       step_size=eps or None, step_schedule="cosine"),
     "pgd_margin": lambda eps, steps=None, restarts=None: PGD(eps, steps=steps or 100, restarts=restarts or 1,
                                                              step_size=eps or None, step_schedule="cosine", loss="margin"),
+    # ProtoPNet only: the margin of head(−distance), past the saturating log similarity (see pgd_prototype.py).
+    "pgd_prototype": lambda eps, steps=None, restarts=None: PrototypePGD(eps, steps=steps or 100,
+                                                                        restarts=restarts or 1, step_size=eps or None,
+                                                                        step_schedule="cosine"),
     # Targeted margin attacks towards the 3 most likely wrong classes, as AutoAttack's APGD-T does with 9.
     "pgd_targeted": lambda eps, steps=None, restarts=None: MultiTargetedPGD(eps, targets=3, steps=steps or 100),
     # The MNIST tables of Boopathy et al. (ICML 2020): 200 steps of 0.01 from a random start.
