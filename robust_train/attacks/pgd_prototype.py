@@ -15,7 +15,6 @@ ascended loss changes. Success is still judged on the model's own logits, so x' 
 """
 from __future__ import annotations
 
-
 from robust_train.attacks.base import attack_loss, upcast
 from robust_train.attacks.pgd import PGD
 from robust_train.attacks.registry import register_attack
