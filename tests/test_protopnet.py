@@ -344,6 +344,12 @@ def test_fit_joint_push_then_last_layer_in_lightning(mnist, tmp_path):
                       stability_attacks=(), checks=False, out=tmp_path / "eval", n_pictures=2)
     assert "prototypes.png" in report["pictures"] and (tmp_path / "eval" / "prototypes.png").is_file()
     assert report["picture_settings"]["prototypes"]["k"] == 3
+    assert any("add pgd_prototype" in note for note in report["notes"])  # a named suite without it: say so
+    default = evaluate(str(tmp_path / "protopnet.ckpt"), None, [0.3], n=4, steps=2, progress=False,
+                       stability_attacks=(), checks=False, pictures=False)
+    names = [row["name"] for row in default["attacks"]]
+    assert names[-1] == "pgd_prototype" and names[:-1] == ["pgd", "pgd_margin", "pgd_targeted"]
+    assert any("the worst case above includes it" in note for note in default["notes"])
 
 
 def test_recipe_parses():
