@@ -13,7 +13,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from robust_train.attacks import create_attack
+from robust_train.attacks import PGD, PrototypePGD, create_attack
 from robust_train.attacks.aai import mass_on, top_cells
 from robust_train.callbacks import AttackAccuracy, MapStability, PrototypePush
 from robust_train.callbacks.prototype_push import push_prototypes, without_augmentation
@@ -186,13 +186,26 @@ def test_phases_train_exactly_their_parameters():
                 assert all(p.grad is None and not p.requires_grad for p in params), (phase, name)
 
 
-def test_pgd_variant_trains_on_examples_in_the_ball():
-    module = ProtoPNetTraining(adversarial="pgd", steps=2, step_size=0.1, eps=0.3,
+@pytest.mark.parametrize("adversarial", ["pgd", "pgd_prototype"])
+def test_pgd_variant_trains_on_examples_in_the_ball(adversarial):
+    module = ProtoPNetTraining(adversarial=adversarial, steps=2, step_size=0.1, eps=0.3,
                                arch_kwargs={"prototypes_per_class": 1, "prototype_dim": 4, "widths": (4, 8, 8)})
     x, y = torch.rand(4, 1, 28, 28), torch.arange(4)
+    torch.manual_seed(0)
     x_adv = module.adversarial_batch(x, y, 0.3)
     assert (x_adv - x).abs().max() <= 0.3 + 1e-6 and not torch.equal(x_adv, x)
     assert ProtoPNetTraining(arch_kwargs={"prototypes_per_class": 1}).adversarial_batch(x, y, 0.3) is None
+    # the examples are the named attack's last iterate (same random start), not the other attack's
+    kinds = {"pgd": PGD, "pgd_prototype": PrototypePGD}
+    for name, kind in kinds.items():
+        torch.manual_seed(0)
+        ref = kind(0.3, steps=2, step_size=0.1, keep_best=False)(module.model, x, y)
+        assert torch.equal(ref, x_adv) == (name == adversarial), name
+
+
+def test_adversarial_names_are_checked():
+    with pytest.raises(ConfigError, match="pgd_prototype"):
+        ProtoPNetTraining(adversarial="fgsm", arch_kwargs={"prototypes_per_class": 1})
 
 
 # -- push ------------------------------------------------------------------------------------------------------------

@@ -50,6 +50,10 @@ warm_epochs 0 (joint from the first epoch) and train the backbone at a from-scra
 Adversarial (`adversarial="pgd"`): every phase's batch is replaced by PGD examples on cross-entropy (as
 `PGDTraining`: `steps` × `step_size` from a random start, last iterate, the base class's ε warm-up), and the whole
 loss (CE, Clst, Sep) is taken on them. Push always uses clean, un-augmented training images.
+`adversarial="pgd_prototype"` crafts them with the same steps on the margin of head(−distance) instead
+(`robust_train.attacks.pgd_prototype`): ProtoPNet's log similarity saturates cross-entropy, so CE-PGD examples can be
+weak ones (measured on CIFAR-10: CE-PGD left 40% where the adaptive attack left 2%), and training on weak examples
+buys robustness against the weak attack only.
 """
 from __future__ import annotations
 
@@ -59,7 +63,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 
-from robust_train.attacks import PGD
+from robust_train.attacks import PGD, PrototypePGD
 from robust_train.errors import ConfigError
 from robust_train.methods.base import RobustModule
 
@@ -101,7 +105,8 @@ class ProtoPNetTraining(RobustModule):
     Args:
         arch: a ProtoPNet in the model registry (`protopnet`, default small_cnn backbone; `arch_kwargs` sets the
             backbone, prototypes_per_class and prototype_dim).
-        adversarial: None (clean training) or "pgd" (train on PGD-`steps` examples of step `step_size`).
+        adversarial: None (clean training), "pgd" (train on PGD-`steps` examples of step `step_size`) or
+            "pgd_prototype" (the same steps on the adaptive loss, see the module docstring).
         warm_epochs, push_start, push_every, last_layer_epochs: the schedule, in official (outer) epochs except
             last_layer_epochs, which are extra Lightning epochs after each push (push_every 0: push once only).
         clst_weight, sep_weight, l1_weight: λ_clst (0.8), λ_sep (0.08, subtracted) and λ_l1 (1e-4).
@@ -113,7 +118,7 @@ class ProtoPNetTraining(RobustModule):
         **kwargs: RobustModule's (arch_kwargs, data_spec, eps, eps warm-up, attack_bn_mode).
     """
 
-    def __init__(self, arch: str = "protopnet", adversarial: Literal["pgd"] | None = None, steps: int = 40,
+    def __init__(self, arch: str = "protopnet", adversarial: Literal["pgd", "pgd_prototype"] | None = None, steps: int = 40,
                  step_size: float = 0.01, random_start: bool = True, warm_epochs: int = 5, push_start: int = 10,
                  push_every: int = 10, last_layer_epochs: int = 20, clst_weight: float = 0.8, sep_weight: float = 0.08,
                  l1_weight: float = 1e-4, warm_lr_add_on: float = 3e-3, warm_lr_prototypes: float = 3e-3,
@@ -129,8 +134,8 @@ class ProtoPNetTraining(RobustModule):
         if not callable(getattr(self.model, "forward_with_distances", None)):
             raise ConfigError(f"ProtoPNetTraining needs a ProtoPNet model (arch protopnet), got arch "
                               f"{self.hparams.arch!r}")
-        if adversarial not in (None, "pgd"):
-            raise ConfigError(f"adversarial={adversarial!r}: use null (clean training) or 'pgd'")
+        if adversarial not in (None, "pgd", "pgd_prototype"):
+            raise ConfigError(f"adversarial={adversarial!r}: use null (clean training), 'pgd' or 'pgd_prototype'")
         for label, value in (("warm_epochs", warm_epochs), ("push_start", push_start), ("push_every", push_every),
                              ("last_layer_epochs", last_layer_epochs), ("joint_lr_step_size", joint_lr_step_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -150,8 +155,8 @@ class ProtoPNetTraining(RobustModule):
         self.automatic_optimization = False
         self.adversarial = adversarial
         self.steps, self.step_size, self.random_start = steps, step_size, random_start
-        if adversarial == "pgd":
-            PGD(self.eps, steps=steps, step_size=step_size)  # validates the arguments at construction time
+        if adversarial is not None:
+            self.inner_attack()  # validates the arguments at construction time
         self.phase = "warm" if warm_epochs > 0 else "joint"
 
     # -- schedule ----------------------------------------------------------------------------------------------------
@@ -195,7 +200,13 @@ class ProtoPNetTraining(RobustModule):
     def adversarial_batch(self, x, y, eps):
         if self.adversarial is None or eps == 0:
             return None
-        return self.pgd_examples(x, y, eps, self.steps, self.step_size, self.random_start)
+        return self.inner_attack(eps)(self.model, x, y)
+
+    def inner_attack(self, eps: float | None = None) -> PGD:
+        """The training examples' attack: the last iterate of `steps` × `step_size`, in the attack BN mode."""
+        attack = PrototypePGD if self.adversarial == "pgd_prototype" else PGD
+        return attack(self.eps if eps is None else eps, steps=self.steps, step_size=self.step_size,
+                      random_start=self.random_start, keep_best=False, bn_mode=self.hparams.attack_bn_mode)
 
     def loss_terms(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """(total loss, logits, {ce, cluster, separation, l1}) on images x."""
