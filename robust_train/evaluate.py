@@ -483,8 +483,8 @@ def evaluate(ckpt_path: str, attacks: list[str] | None = None, eps: list[float] 
         notes.append(f"{type(model).__name__} has no `features`/linear `head` (the Classifier contract), so no "
                      "interpretation maps: map stability and pictures were skipped.")
     if is_prototype_model(model):
-        notes.append("ProtoPNet: its log similarity saturates every loss on its logits, so cross-entropy and margin "
-                     "PGD overstate its robustness and the masking checks may fail on them; "
+        notes.append("ProtoPNet: its log similarity can saturate every loss on its logits, so cross-entropy and "
+                     "margin PGD may overstate its robustness and the masking checks may fail on them; "
                      + ("the suite ran pgd_prototype (the adaptive attack on head(−distance)), so the worst case "
                         "above includes it." if "pgd_prototype" in attacks else
                         "add pgd_prototype to --attacks (the adaptive attack on head(−distance)) before quoting "
