@@ -50,8 +50,8 @@ seed's column notation (ε in /255, iterations):
   start, α = ε on a cosine schedule, each example's best iterate), at 8/255 (--margin-steps);
 * PGDp (2,100), (8,100), ProtoPNet only: the adaptive `pgd_prototype` (robust_train/attacks/pgd_prototype.py), the same
   100 cosine steps on the margin of head(−d), the logits ProtoPNet would give with a linear similarity. Its log
-  similarity saturates the losses on its real logits: CE and margin PGD left it 40% and 27% on 500 images, ε = 1
-  left 11%; this column is the one that breaks it;
+  similarity saturates the losses on its real logits: CE and margin PGD left it 40% and 27% at 8/255 on 500
+  images, ε = 1 left 11%, this attack 0.8% (bench/RESULTS.md);
 * worst (ε): per example, correct on the clean image and under every attack above at that ε (not the minimum of
   the column means).
 

@@ -7,7 +7,7 @@ prototype (d ≈ 0.003 measured on our CIFAR-10 model) gets a margin of 8–15, 
 gradient of any loss on those logits is dominated by the one prototype at the bottom of the well. Cross-entropy and
 margin PGD then stall: on our CIFAR-10 ProtoPNet they left 40% and 27% correct at 8/255, and 11% at ε = 1, where
 any image can be painted (the `large_eps_breaks` check flags it). The same steps on W·(−d), which moves every
-prototype's distance linearly, leave 1.6% (bench/RESULTS.md): the robustness was the log's saturation, not the
+prototype's distance linearly, leave 0.8% (bench/RESULTS.md, 500 test images): the robustness was the log's saturation, not the
 model's (gradient masking by a saturating non-linearity, Athalye et al. 2018; Tramèr et al. 2020 §"adaptive").
 
 It complements the suite, it does not replace it: on an adversarially trained MNIST ProtoPNet, whose logits are
