@@ -215,7 +215,7 @@ def check_attacks(attacks: list[str], steps: int | None, restarts: int | None) -
 
 def suite_for(model: nn.Module, attacks: list[str] | None) -> list[str]:
     """The attacks to run on this model: the named ones, else the default suite, plus the adaptive
-    `pgd_prototype` on a ProtoPNet, whose log similarity saturates every loss on its logits (see that attack)."""
+    `pgd_prototype` on a ProtoPNet, whose log similarity can saturate every loss on its logits (see that attack)."""
     prototypes = is_prototype_model(model)
     if attacks is None:
         return [*DEFAULT_SUITE, *(["pgd_prototype"] if prototypes else [])]
