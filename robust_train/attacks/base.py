@@ -97,14 +97,26 @@ def attack_loss(logits: torch.Tensor, y: torch.Tensor, loss: LossName = "ce",
     raise ConfigError(f"unknown attack loss {loss!r}: use 'ce' or 'margin'")
 
 
+def objective_gradient(objective, x_adv: torch.Tensor):
+    """Gradient of the summed per-example loss of `objective(x) -> (logits, losses)` with respect to the iterate
+    itself; returns (grad, logits, losses), detached."""
+    x_adv = x_adv.detach().requires_grad_(True)
+    logits, losses = objective(x_adv)
+    (grad,) = torch.autograd.grad(losses.sum(), x_adv)
+    return grad, logits.detach(), losses.detach()
+
+
+def logits_and_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: LossName = "ce",
+                    target: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, per-example attack loss) at x; the logits in float32 (or float64) whatever the autocast state."""
+    logits = upcast(model(x))
+    return logits, attack_loss(logits, y, loss, target)
+
+
 def input_gradient(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss: LossName = "ce",
                    target: torch.Tensor | None = None):
     """Gradient of the summed per-example loss with respect to the iterate; returns (grad, logits, loss)."""
-    x_adv = x_adv.detach().requires_grad_(True)
-    logits = upcast(model(x_adv))  # float32 (or float64) whatever the autocast state
-    losses = attack_loss(logits, y, loss, target)
-    (grad,) = torch.autograd.grad(losses.sum(), x_adv)
-    return grad, logits.detach(), losses.detach()
+    return objective_gradient(lambda x: logits_and_loss(model, x, y, loss, target), x_adv)
 
 
 def _per_example(t: torch.Tensor) -> torch.Tensor:

@@ -8,8 +8,8 @@ from typing import Literal
 
 import torch
 
-from robust_train.attacks.base import (Attack, Projector, attack_loss, check_positive, random_start,
-                                       steepest_step, upcast)
+from robust_train.attacks.base import (Attack, Projector, check_positive, logits_and_loss, objective_gradient,
+                                       random_start, steepest_step)
 from robust_train.attacks.registry import register_attack
 from robust_train.errors import ConfigError
 
@@ -63,15 +63,11 @@ class PGD(Attack):
     def objective(self, model, x_adv, y, target) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, per-example loss to ascend) at x_adv. Subclasses change the loss here, not the loop; the
         logits are the model's own, since they decide which iterate counts as a success."""
-        logits = upcast(model(x_adv))
-        return logits, attack_loss(logits, y, self.loss, target)
+        return logits_and_loss(model, x_adv, y, self.loss, target)
 
     def gradient(self, model, x_adv, y, target):
         """(∇ of the summed objective at x_adv, logits, losses), taken at the iterate itself (see base)."""
-        x_adv = x_adv.detach().requires_grad_(True)
-        logits, losses = self.objective(model, x_adv, y, target)
-        (grad,) = torch.autograd.grad(losses.sum(), x_adv)
-        return grad, logits.detach(), losses.detach()
+        return objective_gradient(lambda x: self.objective(model, x, y, target), x_adv)
 
     def step_at(self, t: int) -> float:
         if self.step_schedule == "constant":

@@ -7,8 +7,9 @@ prototype (d ≈ 0.003 measured on our CIFAR-10 model) gets a margin of 8–15, 
 gradient of any loss on those logits is dominated by the one prototype at the bottom of the well. Cross-entropy and
 margin PGD then stall: on our CIFAR-10 ProtoPNet they left 40% and 27% correct at 8/255, and 11% at ε = 1, where
 any image can be painted (the `large_eps_breaks` check flags it). The same steps on W·(−d), which moves every
-prototype's distance linearly, leave 0.8% (bench/RESULTS.md, 500 test images): the robustness was the log's saturation, not the
-model's (gradient masking by a saturating non-linearity, Athalye et al. 2018; Tramèr et al. 2020 §"adaptive").
+prototype's distance linearly, leave 0.8% (bench/RESULTS.md, 500 test images): the robustness was the log's
+saturation, not the model's (gradient masking by a saturating non-linearity, Athalye et al. 2018; Tramèr et al.
+2020 §"adaptive").
 
 It complements the suite, it does not replace it: on an adversarially trained MNIST ProtoPNet, whose logits are
 not saturated, it is the weaker attack (0.40 left at ε 0.3 against CE-PGD's 0.23), which is why `evaluate` adds it
@@ -42,10 +43,13 @@ class PrototypePGD(PGD):
     def __init__(self, eps: float, *, loss: str = "margin", **kwargs):
         super().__init__(eps, loss=loss, **kwargs)
 
-    def objective(self, model, x_adv, y, target):
+    def perturb(self, model, x, y, target):
         if not is_prototype_model(model):
             raise ConfigError(f"pgd_prototype attacks ProtoPNet models only; {type(model).__name__} has no prototype "
                               "distances: use pgd or pgd_margin")
+        return super().perturb(model, x, y, target)
+
+    def objective(self, model, x_adv, y, target):
         logits, min_distances = model.forward_with_distances(x_adv)
         linear_logits = upcast(model.head(-upcast(min_distances)))
         return upcast(logits), attack_loss(linear_logits, y, self.loss, target)

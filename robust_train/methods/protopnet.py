@@ -54,7 +54,7 @@ loss (CE, Clst, Sep) is taken on them. Push always uses clean, un-augmented trai
 (`robust_train.attacks.pgd_prototype`, the attack that breaks a clean-trained ProtoPNet whose log similarity
 saturates CE). Measured on MNIST (the protopnet_pgd short run, 5 epochs, bench/RESULTS.md), it is the worse choice:
 the model became robust to pgd_prototype only (0.023 left at ε 0.3) and not to CE-PGD (0.000), where CE-PGD
-training gave 0.22 under every attack. Keep "pgd" unless you are studying that.
+training left a worst case of 0.22. Keep "pgd" unless you are studying that.
 """
 from __future__ import annotations
 
@@ -65,6 +65,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 
 from robust_train.attacks import PGD, PrototypePGD
+from robust_train.attacks.pgd_prototype import is_prototype_model
 from robust_train.errors import ConfigError
 from robust_train.methods.base import RobustModule
 
@@ -119,11 +120,12 @@ class ProtoPNetTraining(RobustModule):
         **kwargs: RobustModule's (arch_kwargs, data_spec, eps, eps warm-up, attack_bn_mode).
     """
 
-    def __init__(self, arch: str = "protopnet", adversarial: Literal["pgd", "pgd_prototype"] | None = None, steps: int = 40,
-                 step_size: float = 0.01, random_start: bool = True, warm_epochs: int = 5, push_start: int = 10,
-                 push_every: int = 10, last_layer_epochs: int = 20, clst_weight: float = 0.8, sep_weight: float = 0.08,
-                 l1_weight: float = 1e-4, warm_lr_add_on: float = 3e-3, warm_lr_prototypes: float = 3e-3,
-                 joint_lr_features: float = 1e-4, joint_lr_add_on: float = 3e-3, joint_lr_prototypes: float = 3e-3,
+    def __init__(self, arch: str = "protopnet", adversarial: Literal["pgd", "pgd_prototype"] | None = None,
+                 steps: int = 40, step_size: float = 0.01, random_start: bool = True, warm_epochs: int = 5,
+                 push_start: int = 10, push_every: int = 10, last_layer_epochs: int = 20, clst_weight: float = 0.8,
+                 sep_weight: float = 0.08, l1_weight: float = 1e-4, warm_lr_add_on: float = 3e-3,
+                 warm_lr_prototypes: float = 3e-3, joint_lr_features: float = 1e-4, joint_lr_add_on: float = 3e-3,
+                 joint_lr_prototypes: float = 3e-3,
                  feature_weight_decay: float = 1e-3, joint_lr_step_size: int = 5, joint_lr_gamma: float = 0.1,
                  last_layer_lr: float = 1e-4, **kwargs):
         for key, default in BASE_DEFAULTS.items():
@@ -132,7 +134,7 @@ class ProtoPNetTraining(RobustModule):
                                   "used: leave it out and set warm_lr_*, joint_lr_*, last_layer_lr, "
                                   "feature_weight_decay or joint_lr_step_size instead")
         super().__init__(arch=arch, **kwargs)
-        if not callable(getattr(self.model, "forward_with_distances", None)):
+        if not is_prototype_model(self.model):
             raise ConfigError(f"ProtoPNetTraining needs a ProtoPNet model (arch protopnet), got arch "
                               f"{self.hparams.arch!r}")
         if adversarial not in (None, "pgd", "pgd_prototype"):
