@@ -459,6 +459,7 @@ def evaluate(ckpt_path: str, attacks: list[str] | None = None, eps: list[float] 
         t0 = time.perf_counter()
         torch.manual_seed(seed)
         attack = build_attack("pgd", main_eps, steps, restarts)
+        attack.early_stop = False  # the highest-loss example on the source transfers best, not the first that fools it
         transfer_ok = transfer_correct(source, model, x, y, attack, batch_size, seed, split)
         transfer = {"source": str(transfer_from), "eps": main_eps, "attack": attack.describe(), "n": len(x),
                     "accuracy": transfer_ok.float().mean().item(),

@@ -279,7 +279,8 @@ def test_targeted_without_target_raises(attack, trained):
 # ------------------------------------------------------------------------------- gradients at the [0,1] border
 BORDER_ATTACKS = {
     "pgd_random_start": lambda eps: PGD(eps, steps=10, keep_best=False),
-    "pgd_restarts_best": lambda eps: PGD(eps, steps=10, restarts=2),
+    # early_stop off: the test wants the iterate at the border, not the first misclassified one
+    "pgd_restarts_best": lambda eps: PGD(eps, steps=10, restarts=2, early_stop=False),
     "bim": lambda eps: BIM(eps, steps=10),
     "mim": lambda eps: MIM(eps, steps=10),
     "fgsm_random_start": lambda eps: FGSM(eps, random_start=True),
@@ -426,8 +427,70 @@ def test_keep_best_returns_strongest_iterate(trained):
     pick = key.argmax(0)
     expected = torch.stack(iterates)[pick, torch.arange(len(y))]
     assert len(set(pick.tolist())) > 1, "premise: different examples peak at different iterates"
-    got = PGD(eps, steps=k, step_size=alpha, random_start=False, keep_best=True)(model, x, y)
+    got = PGD(eps, steps=k, step_size=alpha, random_start=False, keep_best=True, early_stop=False)(model, x, y)
     assert torch.equal(got, expected)
+
+    # With early stopping (the default) a broken example comes back at its first successful iterate instead;
+    # the others still at their highest-loss one.
+    first = torch.where(success.any(0), success.float().argmax(0), pick)
+    assert (first != pick).any(), "premise: some example succeeds again later with a higher loss"
+    got = PGD(eps, steps=k, step_size=alpha, random_start=False, keep_best=True)(model, x, y)
+    assert torch.equal(got, torch.stack(iterates)[first, torch.arange(len(y))])
+
+
+class _RowCounter:
+    """Counts the examples the model is run on (a forward pre-hook), to see early stopping save work."""
+
+    def __init__(self, model):
+        self.rows = 0
+        self.handle = model.register_forward_pre_hook(self)
+
+    def __call__(self, module, args):
+        self.rows += args[0].shape[0]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+@pytest.mark.parametrize("targeted", [False, True])
+def test_early_stop_same_successes_less_work(trained, targeted):
+    """Dropping examples once they are broken changes no example's success (each example's forward in eval mode
+    does not depend on the rest of the batch, and the random starts are drawn for the whole batch), and runs the
+    model on fewer examples. Targeted: success means reaching the target."""
+    model, x, y = trained
+    target = (y + 1) % 3 if targeted else None
+    eps, kw = 0.1, dict(steps=8, step_size=0.04, restarts=3, targeted=targeted)
+
+    def run_counted(**extra):
+        torch.manual_seed(3)
+        with _RowCounter(model) as counter:
+            x_adv = PGD(eps, **kw, **extra)(model, x, y, target)
+        with torch.no_grad():
+            pred = model(x_adv).argmax(1)
+        return (pred == target if targeted else pred != y), x_adv, counter.rows
+
+    s_all, x_all, rows_all = run_counted(early_stop=False)
+    s_early, x_early, rows_early = run_counted()
+    assert 0.2 <= s_all.double().mean() <= 0.9, "premise: some examples fall, some hold"
+    assert torch.equal(s_early, s_all)
+    assert rows_all == 3 * (8 + 1) * len(x)
+    assert rows_early < 0.8 * rows_all
+    # Examples that hold are attacked identically: same iterate returned.
+    assert torch.equal(x_early[~s_all], x_all[~s_all])
+    for x_adv in (x_all, x_early):
+        assert (x_adv - x).abs().max() <= eps + 1e-12 and x_adv.min() >= 0 and x_adv.max() <= 1
+
+
+def test_early_stop_off_in_train_bn_mode(trained):
+    """With batch statistics (bn_mode="train") an example's forward depends on the batch: nobody is dropped."""
+    model, x, y = trained
+    with _RowCounter(model) as counter:
+        PGD(0.1, steps=4, step_size=0.05, bn_mode="train")(model, x, y)
+    assert counter.rows == (4 + 1) * len(x)
+    assert not model.training
 
 
 def test_best_iterate_rule_prefers_success_over_loss():
@@ -435,20 +498,20 @@ def test_best_iterate_rule_prefers_success_over_loss():
     misclassified iterate beats a correctly classified one with a higher loss; otherwise the higher loss wins."""
     from robust_train.attacks.pgd import _Best
 
-    y = torch.tensor([0, 0])
+    y, rows = torch.tensor([0, 0]), torch.arange(2)
     x0, x1, x2 = (torch.full((2, 1), v) for v in (0.0, 1.0, 2.0))
     wrong = torch.log(torch.tensor([[0.45, 0.50, 0.05], [0.90, 0.05, 0.05]]))  # ex 0: misclassified, CE 0.80
     right = torch.log(torch.tensor([[0.40, 0.30, 0.30], [0.60, 0.20, 0.20]]))  # ex 0: correct, CE 0.92 (higher)
     best = _Best(x0)
-    best.update(x1, wrong, attack_loss(wrong, y), y, None)
-    best.update(x2, right, attack_loss(right, y), y, None)
+    best.update(rows, x1, wrong, attack_loss(wrong, y), y, None)
+    best.update(rows, x2, right, attack_loss(right, y), y, None)
     assert best.x[:, 0].tolist() == [1.0, 2.0]  # ex 0 keeps the success; ex 1 (never fooled) the higher loss
     assert best.success.tolist() == [True, False]
     # targeted: success means predicting the target
     t = torch.tensor([1, 2])
     best = _Best(x0)
-    best.update(x1, wrong, attack_loss(wrong, y, target=t), y, t)
-    best.update(x2, right, attack_loss(right, y, target=t), y, t)
+    best.update(rows, x1, wrong, attack_loss(wrong, y, target=t), y, t)
+    best.update(rows, x2, right, attack_loss(right, y, target=t), y, t)
     assert best.x[:, 0].tolist() == [1.0, 2.0] and best.success.tolist() == [True, False]
 
 

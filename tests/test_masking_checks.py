@@ -288,6 +288,24 @@ def test_transfer_from_the_same_checkpoint(tiny_checkpoint, tmp_path, capsys):
     assert "Transfer (black box)" in (out / "report.md").read_text()
 
 
+def test_transfer_crafts_strongest_examples(tiny_checkpoint, tmp_path, monkeypatch):
+    """The transfer attack returns each example's highest-loss iterate on the source, not its first success (which
+    barely crosses the source's boundary and transfers worst)."""
+    seen = []
+    real = evaluate_module.transfer_correct
+
+    def spy(source, model, x, y, attack, *args, **kwargs):
+        seen.append(attack)
+        return real(source, model, x, y, attack, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "transfer_correct", spy)
+    rc = cli_main(["evaluate", "--ckpt", str(tiny_checkpoint), "--n", "8", "--eps", "0,0.1", "--attacks", "fgsm",
+                   "--steps", "2", "--stability-attacks", "none", "--no-pictures", "--no-checks",
+                   "--out", str(tmp_path / "r"), "--transfer-from", str(tiny_checkpoint)])
+    assert rc == 0 and len(seen) == 1
+    assert seen[0].name == "pgd" and seen[0].keep_best and seen[0].early_stop is False
+
+
 @pytest.mark.parametrize("case", ["missing", "corrupt", "checks-n 0"])
 def test_bad_transfer_source_gives_one_line_and_exit_code_2(tiny_checkpoint, tmp_path, capsys, case):
     corrupt = tmp_path / "corrupt.ckpt"

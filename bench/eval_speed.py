@@ -1,0 +1,124 @@
+"""What early stopping buys `evaluate`: the default suite over the ε grid on real checkpoints, with PGD dropping
+each example once it is misclassified (the default) and without, side by side in one run, plus torchattacks' PGD
+against ours on the same constant-step attack.
+
+    python bench/eval_speed.py --ckpt standard=PATH --ckpt pgd=PATH [--n 500] [--eps 0,0.1,0.3] [--threads 1]
+
+Per checkpoint, per ε, per attack of the default suite (pgd, pgd_margin, pgd_targeted), the two settings run back to
+back on the same test images from the same seed; the table gives the seconds of each and whether every example's
+outcome agrees (it must: an example's forward in eval mode does not depend on the rest of the batch). The last
+columns compare PGD-100 with torchattacks' constant step 2.5ε/100 from a random start: torchattacks.PGD (last
+iterate) against ours (each example's strongest iterate, early stopping), time and accuracy left.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from mnist_pgd import write_result  # noqa: E402
+from robust_train.attacks import PGD  # noqa: E402
+from robust_train.attacks.suite import DEFAULT_SUITE, build_attack  # noqa: E402
+from robust_train.checkpoint import classifier_from_checkpoint, read_checkpoint  # noqa: E402
+from robust_train.evaluate import build_datamodule, parse_eps  # noqa: E402
+
+STEPS = 100
+
+
+def correct_under(model, attack, x, y, batch_size: int, seed: int) -> tuple[torch.Tensor, float]:
+    """(per-example correct after the attack, seconds), batches seeded as evaluate seeds them."""
+    correct = torch.zeros(len(x), dtype=torch.bool)
+    t0 = time.perf_counter()
+    for b, start in enumerate(range(0, len(x), batch_size)):
+        rows = slice(start, start + batch_size)
+        torch.manual_seed(seed + b)
+        x_adv = attack(model, x[rows], y[rows])
+        with torch.no_grad():
+            correct[rows] = model(x_adv).argmax(1) == y[rows]
+    return correct, time.perf_counter() - t0
+
+
+def with_early_stop(attack, on: bool):
+    """The same attack with early stopping on or off (MultiTargetedPGD runs a PGD inside)."""
+    inner = getattr(attack, "pgd", attack)
+    inner.early_stop = on
+    return attack
+
+
+def bench_checkpoint(name: str, path: str, eps_grid, n: int, batch_size: int) -> list[dict]:
+    import torchattacks
+
+    ckpt = read_checkpoint(path)
+    model = classifier_from_checkpoint(ckpt).eval()
+    x, y = build_datamodule(ckpt, None).test_tensors(n)
+    grid = eps_grid or ckpt["robust_train"]["data_spec"].get("eps_grid")
+    rows = []
+    for eps in [e for e in grid if e > 0]:
+        for attack_name in DEFAULT_SUITE:
+            timing = {}
+            for on in (False, True):
+                attack = with_early_stop(build_attack(attack_name, eps), on)
+                timing[on] = correct_under(model, attack, x, y, batch_size, seed=1)
+            (c_off, t_off), (c_on, t_on) = timing[False], timing[True]
+            rows.append({"model": name, "eps": eps, "attack": attack_name, "seconds_all": t_off,
+                         "seconds_early_stop": t_on, "accuracy_all": c_off.float().mean().item(),
+                         "accuracy_early_stop": c_on.float().mean().item(),
+                         "outcomes_differ": int((c_off != c_on).sum())})
+            print(_row_line(rows[-1]), flush=True)
+        alpha = 2.5 * eps / STEPS
+        ta = torchattacks.PGD(model, eps=eps, alpha=alpha, steps=STEPS, random_start=True)
+        c_ta, t_ta = correct_under(model, lambda m, xb, yb: ta(xb, yb), x, y, batch_size, seed=2)
+        c_ours, t_ours = correct_under(model, PGD(eps, steps=STEPS, step_size=alpha), x, y, batch_size, seed=2)
+        rows.append({"model": name, "eps": eps, "attack": "pgd100_constant", "seconds_torchattacks": t_ta,
+                     "seconds_ours": t_ours, "accuracy_torchattacks": c_ta.float().mean().item(),
+                     "accuracy_ours": c_ours.float().mean().item()})
+        print(_row_line(rows[-1]), flush=True)
+    return rows
+
+
+def _row_line(r: dict) -> str:
+    if r["attack"] == "pgd100_constant":
+        return (f"{r['model']:<10}{r['eps']:>6g}  {'PGD-100 const':<14}torchattacks {r['seconds_torchattacks']:7.1f} s "
+                f"acc {r['accuracy_torchattacks']:.3f} | ours {r['seconds_ours']:7.1f} s acc {r['accuracy_ours']:.3f}"
+                f" | {r['seconds_torchattacks'] / r['seconds_ours']:.2f}x")
+    return (f"{r['model']:<10}{r['eps']:>6g}  {r['attack']:<14}all {r['seconds_all']:7.1f} s | early stop "
+            f"{r['seconds_early_stop']:7.1f} s | {r['seconds_all'] / r['seconds_early_stop']:5.2f}x | acc "
+            f"{r['accuracy_all']:.3f} / {r['accuracy_early_stop']:.3f} | outcomes differ: {r['outcomes_differ']}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ckpt", action="append", required=True, help="NAME=PATH (repeatable)")
+    ap.add_argument("--n", type=int, default=500)
+    ap.add_argument("--eps", type=parse_eps, default=None, help="default: the checkpoint data set's grid")
+    ap.add_argument("--batch-size", type=int, default=250)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "eval_speed.json"))
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = []
+    for spec in args.ckpt:
+        name, _, path = spec.partition("=")
+        rows += bench_checkpoint(name, path, args.eps, args.n, args.batch_size)
+
+    print(f"\n{args.n} test images, batch {args.batch_size}, {torch.get_num_threads()} threads: the default suite "
+          "with early stopping against without")
+    print(f"{'model':<10}{'suite s (all)':>15}{'early stop s':>14}{'speedup':>9}{'outcomes differ':>17}")
+    for name in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == name and "seconds_all" in r]
+        t_all, t_on = sum(r["seconds_all"] for r in mine), sum(r["seconds_early_stop"] for r in mine)
+        differ = sum(r["outcomes_differ"] for r in mine)
+        print(f"{name:<10}{t_all:>15.1f}{t_on:>14.1f}{t_all / t_on:>8.2f}x{differ:>17}")
+    write_result(args.out, {"benchmark": "eval_speed", "n": args.n, "batch_size": args.batch_size, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
