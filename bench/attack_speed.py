@@ -5,7 +5,9 @@
 For each model, in one run, on the same model (eval mode) and the same batch, it times per batch:
 
 * ours, train config: PGD-k with keep_best=False (what adversarial training runs);
-* ours, eval config:  PGD-k with keep_best=True (what evaluation runs: one extra forward per restart);
+* ours, eval config:  PGD-k with keep_best=True and early_stop=False (evaluation's per-step cost: one extra forward
+                      per restart; on this random model and labels early stopping would drop most examples at the
+                      first step, so its effect is measured on trained checkpoints by bench/eval_speed.py);
 * the limit:          k x (one forward + backward to the input with torch.autograd.grad, nothing else);
 * torchattacks.PGD with the same eps, alpha, steps and random start.
 
@@ -110,7 +112,7 @@ def bench_model(label, model, shape, batch, eps, alpha, steps, repeats, warmup, 
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     ours_train = PGD(eps, steps=steps, step_size=alpha, keep_best=False)
-    ours_eval = PGD(eps, steps=steps, step_size=alpha, keep_best=True)
+    ours_eval = PGD(eps, steps=steps, step_size=alpha, keep_best=True, early_stop=False)
     ta = torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=True)
     methods = {
         "ours_train": lambda: ours_train(model, x, y),
