@@ -484,6 +484,25 @@ def test_early_stop_same_successes_less_work(trained, targeted):
         assert (x_adv - x).abs().max() <= eps + 1e-12 and x_adv.min() >= 0 and x_adv.max() <= 1
 
 
+def test_early_stop_every_few_steps_as_on_a_gpu(trained, monkeypatch):
+    """On CUDA the broken examples are dropped every 8 steps, not every step; the same code path here on the CPU
+    (interval 3, so drops fall mid-restart) gives the same outcomes as no early stopping."""
+    import robust_train.attacks.pgd as pgd_module
+
+    model, x, y = trained
+    outcomes = {}
+    for interval in (None, 3):
+        if interval:
+            monkeypatch.setattr(pgd_module, "compaction_interval", lambda x: interval)
+        torch.manual_seed(5)
+        x_adv = PGD(0.1, steps=8, step_size=0.04, restarts=2, early_stop=interval is not None)(model, x, y)
+        with torch.no_grad():
+            outcomes[interval] = model(x_adv).argmax(1) != y
+        assert (x_adv - x).abs().max() <= 0.1 + 1e-12
+    assert 0.2 <= outcomes[None].double().mean() <= 0.9
+    assert torch.equal(outcomes[3], outcomes[None])
+
+
 def test_early_stop_off_in_train_bn_mode(trained):
     """With batch statistics (bn_mode="train") an example's forward depends on the batch: nobody is dropped."""
     model, x, y = trained

@@ -60,9 +60,7 @@ class PGD(Attack):
             return x_adv
         best = _Best(x)
         drop_successes = self.early_stop and self.bn_mode == "eval"
-        # Finding who is left reads a count back from the device: on a GPU, where a small model's step is a
-        # fraction of a millisecond of queued kernels, waiting for it every step would cost more than it saves.
-        every = 8 if x.is_cuda else 1
+        every = compaction_interval(x)
         for _ in range(self.restarts):
             x_start = self.start(x)  # drawn for the whole batch: the random stream does not depend on who is left
             rows = (~best.success).nonzero().squeeze(1) if drop_successes else torch.arange(len(x), device=x.device)
@@ -107,6 +105,13 @@ class PGD(Attack):
 
     def describe(self) -> dict:
         return {**super().describe(), "random_start": self.random_start, "step_schedule": self.step_schedule}
+
+
+def compaction_interval(x: torch.Tensor) -> int:
+    """Steps between drops of the broken examples. Finding who is left reads a count back from the device: on a
+    GPU, where a small model's step is a fraction of a millisecond of queued kernels, waiting for it every step
+    would cost more than it saves."""
+    return 8 if x.is_cuda else 1
 
 
 class _Best:
