@@ -1,13 +1,16 @@
 """The command line: `python -m robust_train` / `robust-train`.
 
     fit|validate|test ...     LightningCLI, plus `--recipe NAME` (a file in recipes/ or a path to a YAML file)
-    evaluate --ckpt PATH      accuracy under attack over the data set's ε grid (robust_train/evaluate.py)
+    evaluate --ckpt PATH      accuracy under attack over the data set's ε grid (robust_train/evaluate/)
     recipes                   every recipe with one line on what it trains
+    models|methods|attacks|maps|data
+                              the names each registry knows, with one line on each
 
 Mistakes (unknown names, out-of-range values, missing files) end with one line on stderr and exit code 2.
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import netrc
 import os
@@ -21,6 +24,9 @@ from robust_train.errors import ConfigError
 
 REPO_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
+REGISTRIES = {"models": ("robust_train.models", "MODELS"), "methods": ("robust_train.methods", "METHODS"),
+              "attacks": ("robust_train.attacks", "ATTACKS"), "maps": ("robust_train.interpret", "MAPS"),
+              "data": ("robust_train.data", "DATA")}
 
 
 def recipe_dirs() -> list[Path]:
@@ -77,6 +83,18 @@ def expand_recipe(argv: list[str]) -> tuple[list[str], str]:
     path = find_recipe(recipe)
     at = next((k + 1 for k, a in enumerate(out) if a in SUBCOMMANDS), 0)
     return out[:at] + ["--config", str(path)] + out[at:], path.stem
+
+
+def print_registry(command: str, argv: list[str]) -> int:
+    """`python -m robust_train models` (or methods, attacks, maps, data): every name with its one-line summary."""
+    if argv:
+        raise ConfigError(f"{command} takes no options (got {' '.join(argv)}): run `python -m robust_train {command}`")
+    module, attribute = REGISTRIES[command]
+    registry = getattr(importlib.import_module(module), attribute)
+    width = max(map(len, registry.names()), default=0)
+    for name in registry.names():
+        print(f"{name:<{width}}  {registry.summary(name)}".rstrip())
+    return 0
 
 
 def wandb_logged_in() -> bool:
@@ -178,32 +196,29 @@ def run_lightning(recipe: str, resume: bool = False) -> Path:
                 "checkpoint.auto_insert_metric_name": False,
             })
 
-        def _parse_ckpt_path(self):
+        # Only LightningCLI's public hooks are overridden, so a new Lightning release cannot break them silently.
+        def parse_arguments(self, parser, args):
+            super().parse_arguments(parser, args)
             # Check the file before Lightning reads hyper-parameters from it (and before the Trainer prints
             # anything): a clear one-line error instead of a traceback from torch.load.
             if self.config.get("subcommand"):
                 ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
                 if ckpt_path and str(ckpt_path) not in ("last", "best", "hpc", "registry"):
                     read_checkpoint(ckpt_path)
-            super()._parse_ckpt_path()
 
         def before_instantiate_classes(self):
             if self.subcommand == "fit":  # before the Trainer prints anything or the data is read
                 check_output_folder(Path(self.config.fit.get("checkpoint", {}).get("dirpath") or run_dir))
 
-        def instantiate_classes(self):
-            # LightningCLI's own steps, with the data read before the Trainer exists: a split that cannot be made
-            # fails in one line, not after the Trainer and the logger have printed their banners.
-            self.config_init = self.parser.instantiate_classes(self.config)
-            self.datamodule = self._get(self.config_init, "data")
+        def instantiate_trainer(self, **kwargs):
+            # The data is read, and the checkpoint checked against the model, before the Trainer exists: a split
+            # that cannot be made fails in one line, not after the Trainer and the logger have printed banners.
             if self.datamodule is not None:
                 self.datamodule.setup(self.subcommand)
-            self.model = self._get(self.config_init, "model")
             ckpt_path = self.config[self.subcommand].get("ckpt_path") if self.subcommand else None
             if ckpt_path and Path(str(ckpt_path)).is_file():  # "last"/"best" are resolved by Lightning later
                 check_same_model(read_checkpoint(ckpt_path), self.model, ckpt_path)
-            self._add_configure_optimizers_method_to_model(self.subcommand)
-            self.trainer = self.instantiate_trainer()
+            return super().instantiate_trainer(**kwargs)
 
         def _before(self):
             sub = self.config_init[self.subcommand]
@@ -258,9 +273,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv and argv[0] == "evaluate":
-            from robust_train.evaluate import main as evaluate_main
+            from robust_train.evaluate.cli import main as evaluate_main
 
             return evaluate_main(argv[1:])
+        if argv and argv[0] in REGISTRIES:
+            return print_registry(argv[0], argv[1:])
         if argv and argv[0] == "recipes":
             recipes = available_recipes()
             width = max(map(len, recipes), default=0)

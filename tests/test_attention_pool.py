@@ -227,8 +227,9 @@ def test_trains_three_steps_in_lightning_with_attention_map_stability(mnist, tmp
 def test_config_errors():
     with pytest.raises(ConfigError, match="unknown model 'nope'"):
         create_model("attention_pool", backbone="nope")
-    with pytest.raises(ConfigError, match="itself an attention-pooling model"):
-        create_model("attention_pool", backbone="attention_pool_vgg16_bn")
+    for head_model in ("attention_pool_vgg16_bn", "protopnet", "protopnet_vgg16_bn"):  # their body is not features
+        with pytest.raises(ConfigError, match="itself a head on a backbone"):
+            create_model("attention_pool", backbone=head_model, in_channels=1)
     with pytest.raises(ConfigError, match="fixes the backbone"):
         create_model("attention_pool_vgg16_bn", backbone="small_cnn")
     with pytest.raises(ConfigError, match="attention_dropout"):

@@ -9,13 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from robust_train.data import (
-    DATAMODULES,
-    CIFAR10Data,
-    ImageFolderData,
-    MNISTData,
-    create_datamodule,
-)
+from robust_train.data import DATA, CIFAR10Data, ImageFolderData, MNISTData
 from robust_train.data.base import TensorImageDataset, collate, random_crop_flip
 from robust_train.errors import ConfigError
 
@@ -101,10 +95,11 @@ def test_val_size_too_large_is_config_error():
 
 
 def test_registry():
-    assert set(DATAMODULES) == {"mnist", "cifar10", "imagefolder"}
-    assert isinstance(create_datamodule("mnist", batch_size=32), MNISTData)
+    assert DATA.names() == ["cifar10", "imagefolder", "mnist"]
+    assert isinstance(DATA.create("mnist", batch_size=32), MNISTData)
+    assert MNISTData.name == "mnist" and MNISTData(batch_size=32).spec["name"] == "mnist"
     with pytest.raises(ConfigError, match="mnist"):
-        create_datamodule("mnsit")
+        DATA.create("mnsit")
 
 
 def test_crop_flip_keeps_shape_range_and_pixels():

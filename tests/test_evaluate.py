@@ -12,14 +12,15 @@ import torch
 from PIL import Image
 from torch import nn
 
-import robust_train.evaluate as evaluate_module
-from robust_train.attacks.suite import DEFAULT_SUITE
+import robust_train.evaluate.evaluation as evaluation_module
 from robust_train.checkpoint import classifier_from_checkpoint, read_checkpoint
 from robust_train.cli import main as cli_main
 from robust_train.data import MNISTData
 from robust_train.errors import ConfigError
-from robust_train.evaluate import (evaluate, format_stability_table, format_table, json_safe, log_to_wandb,
-                                   measure_stability, parse_eps, stability_rows, write_report)
+from robust_train.evaluate import DEFAULT_SUITE, evaluate, json_safe, parse_eps, write_report
+from robust_train.evaluate.sections.stability import Stability, measure_stability, stability_rows
+from robust_train.evaluate.sections.suite import Suite
+from robust_train.evaluate.wandb_log import log_to_wandb
 from robust_train.interpret.cam import cam
 
 ROW_KEYS = {"map", "attack", "eps", "kendall_tau", "topk_intersection", "n_used", "n_total", "n_constant", "steps",
@@ -46,7 +47,7 @@ def test_worst_case_is_per_example_and_below_every_attack(robustish_checkpoint):
         assert worst >= report["clean_accuracy"] - sum(report["clean_accuracy"] - a for a in accs) - 1e-9
     assert 0.05 < report["robust_accuracy"]["0.1"] < report["clean_accuracy"]
     assert report["robust_accuracy"]["0.2"] <= report["robust_accuracy"]["0.1"]
-    assert "worst case" in format_table(report)
+    assert "worst case" in Suite().text(report)
     # a partly robust model trained without masking raises no gradient-masking flag (checks at its training ε)
     assert report["checks_settings"] == {**report["checks_settings"], "eps": 0.1, "n": 100}
     assert report["masking_suspected"] is False, [r["detail"] for r in report["checks"] if not r["passed"]]
@@ -81,7 +82,8 @@ def test_report_has_map_stability_rows_and_pictures(robustish_checkpoint, tmp_pa
     assert rc == 0
     report = strict_json((out / "report.json").read_text())
     rows = report["map_stability"]
-    assert {(r["attack"], r["eps"]) for r in rows} == {("aai", 0.1), ("aai", 0.2), ("pgd", 0.1), ("pgd", 0.2)}
+    assert {(r["attack"], r["eps"]) for r in rows} == {("aai", 0.1), ("aai", 0.2), ("pgd_madry", 0.1),
+                                                       ("pgd_madry", 0.2)}
     assert len(rows) == 4
     for r in rows:
         assert ROW_KEYS <= set(r), r
@@ -119,7 +121,7 @@ BAD_OPTIONS = {
     "stability-n negative": (["--stability-n", "-3"], "--stability-n -3 must be a positive integer"),
     "stability-n not a number": (["--stability-n", "many"], "--stability-n"),
     "stability-steps 0": (["--stability-steps", "0"], "--stability-steps 0 must be a positive integer"),
-    "unknown stability attack": (["--stability-attacks", "nope"], "unknown stability attack 'nope'"),
+    "unknown stability attack": (["--stability-attacks", "nope"], "unknown attack 'nope'"),
     "none among names": (["--stability-attacks", "aai,none"], "'none' alone"),
     "unknown map": (["--map", "no_such_map"], "unknown interpretation map"),
     "topk 0": (["--topk", "0"], "--topk 0 must be a positive integer"),
@@ -165,7 +167,7 @@ def test_no_usable_image_is_null_in_json(model_and_images):
     assert rows[0]["kendall_tau"] is None and rows[0]["topk_intersection"] is None
     text = json.dumps(json_safe({"map_stability": rows, "other": float("nan")}), allow_nan=False)
     assert strict_json(text)["other"] is None
-    assert "– / – (n=0)" in format_stability_table({"map_stability": rows})
+    assert "– / – (n=0)" in Stability().text({"map_stability": rows})
 
 
 def test_model_without_feature_map_is_skipped_with_a_note(robustish_checkpoint, tmp_path, monkeypatch):
@@ -177,8 +179,8 @@ def test_model_without_feature_map_is_skipped_with_a_note(robustish_checkpoint, 
         def forward(self, x):
             return self.inner(x)
 
-    load = evaluate_module.classifier_from_checkpoint
-    monkeypatch.setattr(evaluate_module, "classifier_from_checkpoint", lambda ckpt: LogitsOnly(load(ckpt)))
+    load = evaluation_module.classifier_from_checkpoint
+    monkeypatch.setattr(evaluation_module, "classifier_from_checkpoint", lambda ckpt: LogitsOnly(load(ckpt)))
     report = evaluate(str(robustish_checkpoint), ["fgsm"], [0.0, 0.1], n=16, progress=False, out=tmp_path)
     assert report["map_stability"] == [] and report["pictures"] == []
     assert len(report["notes"]) == 1 and "features" in report["notes"][0]
@@ -188,7 +190,7 @@ def test_model_without_feature_map_is_skipped_with_a_note(robustish_checkpoint, 
 
 
 def test_wandb_gets_pictures_and_table_only_when_a_run_is_active(monkeypatch):
-    from robust_train.interpret.figures import new_figure
+    from robust_train.figures import new_figure
 
     logged = []
     fake = types.SimpleNamespace(run=None, Image=lambda array, caption=None: ("image", array.shape),

@@ -194,11 +194,9 @@ def test_compile_keeps_state_dict_keys_and_checkpoints_load(tmp_path):
         pytest.skip(reason)
     # The compiled forward and input gradient (what an attack needs) match eager ones.
     compiled.model.eval()
+    # With a compiler on PATH a failure of the compiled forward is a regression, never a skip.
     xg = x.clone().requires_grad_(True)
-    try:
-        out = compiled.model(xg)
-    except Exception as e:  # noqa: BLE001  (a broken toolchain shows up as a backend compiler failure)
-        pytest.skip(f"torch.compile does not work here: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    out = compiled.model(xg)
     (g,) = torch.autograd.grad(out.sum(), xg)
     xe = x.clone().requires_grad_(True)
     out_e = plain.model(xe)

@@ -16,8 +16,7 @@ from PIL import Image
 
 from robust_train.attacks import create_attack
 from robust_train.data import MNISTData
-from robust_train.interpret.figures import (DPI, PANEL_INCHES, attack_gallery, cam_overlay, figure_to_array,
-                                            transition_figure)
+from robust_train.figures import DPI, PANEL_INCHES, attack_gallery, cam_overlay, figure_to_array, transition_figure
 from robust_train.models import create_model
 
 MNIST_NAMES = [str(d) for d in range(10)]

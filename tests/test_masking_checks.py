@@ -11,13 +11,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import robust_train.evaluate as evaluate_module
-from robust_train import masking_checks as mc
-from robust_train.attacks.suite import build_attack
+import robust_train.evaluate.evaluation as evaluation_module
+import robust_train.evaluate.sections.transfer as transfer_module
+from robust_train.attacks import create_attack
+from robust_train.evaluate import masking as mc
 from robust_train.checkpoint import classifier_from_checkpoint, read_checkpoint
 from robust_train.cli import main as cli_main
 from robust_train.data import MNISTData
-from robust_train.evaluate import evaluate
+from robust_train.evaluate import correct_under, evaluate, format_markdown
 from robust_train.methods import StandardTraining
 from robust_train.models import create_model
 from tests.conftest import quiet_trainer
@@ -222,9 +223,9 @@ def test_distilled_model_looks_robust_to_cross_entropy_pgd_only(data):
     acc = {}
     for name in ("pgd", "pgd_margin"):
         torch.manual_seed(0)
-        acc[name] = mc.correct_under(student, x, y, build_attack(name, 0.1, steps=10)).float().mean().item()
+        acc[name] = correct_under(student, x, y, create_attack(name, 0.1, steps=10)).float().mean().item()
     torch.manual_seed(0)
-    undistilled = mc.correct_under(model, x, y, build_attack("pgd", 0.1, steps=10)).float().mean().item()
+    undistilled = correct_under(model, x, y, create_attack("pgd", 0.1, steps=10)).float().mean().item()
     assert acc["pgd"] > undistilled + 0.1 and acc["pgd"] > acc["pgd_margin"] + 0.1, (acc, undistilled)
 
 
@@ -243,15 +244,15 @@ def test_evaluate_reports_the_checks(tiny_checkpoint):
     iterative = by_name(report["checks"])["iterative_not_weaker"]
     assert iterative.get("reused") and iterative["pgd_accuracy"] == report["attacks"][3]["accuracy"]
     assert report["transfer"] is None
-    md = evaluate_module.format_markdown(report)
+    md = format_markdown(report)
     assert "## Gradient masking" in md and "| ✓ | zero_gradients |" in md
     off = quick(tiny_checkpoint, eps=[0.0, 0.1], checks=False)
     assert off["checks"] == [] and off["masking_suspected"] is None
-    assert "Gradient masking" not in evaluate_module.format_markdown(off)
+    assert "Gradient masking" not in format_markdown(off)
 
 
 def test_evaluate_flags_the_distilled_student(tiny_checkpoint, monkeypatch):
-    load = evaluate_module.classifier_from_checkpoint
+    load = evaluation_module.classifier_from_checkpoint
 
     def student(ckpt):  # the same weights with the head ×T: a Classifier still, logits ×T
         model = copy.deepcopy(load(ckpt))
@@ -260,13 +261,13 @@ def test_evaluate_flags_the_distilled_student(tiny_checkpoint, monkeypatch):
             model.head.bias.mul_(T)
         return model
 
-    monkeypatch.setattr(evaluate_module, "classifier_from_checkpoint", student)
+    monkeypatch.setattr(evaluation_module, "classifier_from_checkpoint", student)
     report = quick(tiny_checkpoint, attacks=["pgd", "pgd_margin"], eps=[0.0, 0.1], steps=10, checks_n=40)
     acc = {r["name"]: r["accuracy"] for r in report["attacks"] if r["eps"] == 0.1}
     assert acc["pgd"] > acc["pgd_margin"] + 0.1, acc
     assert report["masking_suspected"] is True
     assert not by_name(report["checks"])["zero_gradients"]["passed"]
-    assert "gradient masking suspected" in evaluate_module.format_markdown(report)
+    assert "gradient masking suspected" in format_markdown(report)
 
 
 def test_transfer_from_the_same_checkpoint(tiny_checkpoint, tmp_path, capsys):
@@ -292,13 +293,13 @@ def test_transfer_crafts_strongest_examples(tiny_checkpoint, tmp_path, monkeypat
     """The transfer attack returns each example's highest-loss iterate on the source, not its first success (which
     barely crosses the source's boundary and transfers worst)."""
     seen = []
-    real = evaluate_module.transfer_correct
+    real = transfer_module.create_attack
 
-    def spy(source, model, x, y, attack, *args, **kwargs):
-        seen.append(attack)
-        return real(source, model, x, y, attack, *args, **kwargs)
+    def spy(*args, **kwargs):
+        seen.append(real(*args, **kwargs))
+        return seen[-1]
 
-    monkeypatch.setattr(evaluate_module, "transfer_correct", spy)
+    monkeypatch.setattr(transfer_module, "create_attack", spy)
     rc = cli_main(["evaluate", "--ckpt", str(tiny_checkpoint), "--n", "8", "--eps", "0,0.1", "--attacks", "fgsm",
                    "--steps", "2", "--stability-attacks", "none", "--no-pictures", "--no-checks",
                    "--out", str(tmp_path / "r"), "--transfer-from", str(tiny_checkpoint)])

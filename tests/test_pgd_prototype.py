@@ -8,10 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from robust_train.attacks import PGD, PrototypePGD, create_attack
-from robust_train.attacks.pgd_prototype import is_prototype_model
-from robust_train.attacks.suite import DEFAULT_SUITE, build_attack
+from robust_train.models.protopnet import is_prototype_model
 from robust_train.errors import ConfigError
-from robust_train.evaluate import suite_for
+from robust_train.evaluate import DEFAULT_SUITE, suite_for
 from robust_train.models import create_model
 
 MNIST = {"in_channels": 1, "mean": (0.1307,), "std": (0.3081,)}
@@ -89,7 +88,7 @@ def test_targeted_variant_ascends_the_target_margin():
 
 def test_registry_preset_and_non_prototype_models():
     assert isinstance(create_attack("pgd_prototype", eps=0.1), PrototypePGD)
-    preset = build_attack("pgd_prototype", 8 / 255)
+    preset = create_attack("pgd_prototype", 8 / 255)
     assert (preset.steps, preset.step_size, preset.step_schedule, preset.loss) == (100, 8 / 255, "cosine", "margin")
     plain = create_model("small_cnn", **MNIST)
     assert is_prototype_model(tiny_protopnet()) and not is_prototype_model(plain)

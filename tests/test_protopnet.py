@@ -91,7 +91,7 @@ def test_logits_features_and_classifier_contract():
     sim = model.features(x)
     assert logits.shape == (3, 10) and sim.shape == (3, 100, 7, 7)
     assert torch.allclose(model.logits_from_features(sim), logits, atol=1e-5)
-    assert torch.allclose(model.logits(x), logits) and torch.equal(model.similarity_maps(x), sim)
+    assert torch.allclose(model(x), logits) and torch.equal(model.similarity_maps(x), sim)
     assert has_feature_map(model)
     model.load_state_dict(create_model("protopnet", **MNIST).state_dict())  # push buffers are in the state dict
     for name in ("protopnet_preact_resnet18", "protopnet_vgg16_bn"):
@@ -294,7 +294,8 @@ def test_aai_runs_on_the_prototype_map_and_lowers_its_topk_mass():
 
 
 def test_prototype_figure_with_sources(tmp_path):
-    from robust_train.interpret.prototype import prototype_figure, prototype_sources
+    from robust_train.figures import prototype_figure
+    from robust_train.interpret.prototype import prototype_sources
 
     model = tiny()
     x, y = torch.rand(2, 1, 28, 28), torch.tensor([0, 1])

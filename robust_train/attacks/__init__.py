@@ -1,6 +1,7 @@
-"""Attacks, usable without Lightning: `x_adv = PGD(eps=0.3, steps=40, step_size=0.01)(model, x, y)`."""
-from robust_train.attacks.base import Attack, attack_loss, attack_mode, project
-from robust_train.attacks.registry import ATTACKS, create_attack
+"""Attacks, usable without Lightning: `x_adv = PGD(eps=0.3, steps=40, step_size=0.01)(model, x, y)`, or by name:
+`create_attack("pgd_margin", eps=0.3)` (`python -m robust_train attacks` lists the names)."""
+from robust_train.attacks.base import Attack, attack_loss, project
+from robust_train.attacks.registry import ATTACKS, create_attack, register_attack
 from robust_train.attacks.fgsm import FGSM
 from robust_train.attacks.rand_fgsm import RandFGSM
 from robust_train.attacks.pgd import PGD
@@ -11,6 +12,8 @@ from robust_train.attacks.mim import MIM
 from robust_train.attacks.trades_kl import TRADESKL
 from robust_train.attacks.aai import AAI
 from robust_train.attacks.pgd_discrepancy import DiscrepancyPGD
+from robust_train.attacks.autoattack import AutoAttack
 
-__all__ = ["AAI", "Attack", "ATTACKS", "BIM", "DiscrepancyPGD", "FGSM", "MIM", "MultiTargetedPGD", "PGD", "PrototypePGD", "RandFGSM", "TRADESKL", "attack_loss", "attack_mode",
-           "create_attack", "project"]
+__all__ = ["AAI", "ATTACKS", "Attack", "AutoAttack", "BIM", "DiscrepancyPGD", "FGSM", "MIM", "MultiTargetedPGD",
+           "PGD", "PrototypePGD", "RandFGSM", "TRADESKL", "attack_loss", "create_attack", "project",
+           "register_attack"]

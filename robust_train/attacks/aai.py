@@ -13,22 +13,19 @@ whose label changes are instead skipped by the metric (`robust_train.interpret.s
 adds the hinge with weight `label_weight` (λ; the paper gives no value, 1.0 here by default).
 
 T_k is computed once, at the clean image, and the last iterate is returned (the authors keep no "best" iterate;
-there is no single success criterion to pick one by). `map_fn(model, x, classes) -> (N, ...)` can replace CAM by
-any map that is differentiable in x; it is evaluated with gradients enabled even for T_k, for maps that need them.
+there is no single success criterion to pick one by). `map_fn`, a registered map name or a function
+`(model, x, classes) -> (N, ...)`, can replace CAM; it goes through `interpret.differentiable_map`, so that maps made
+of gradients keep their graph, and is evaluated with gradients enabled even for T_k, for maps that need them.
 """
 from __future__ import annotations
-
-from typing import Callable
 
 import torch
 from torch import nn
 
 from robust_train.attacks.base import Attack, Projector, attack_loss, check_positive, random_start, upcast
-from robust_train.attacks.registry import register_attack
+from robust_train.attacks.registry import create_attack, register_attack
 from robust_train.errors import ConfigError
-from robust_train.interpret.cam import cam
-
-MapFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+from robust_train.interpret.registry import MapFn, differentiable_map
 
 
 def top_cells(maps: torch.Tensor, k: int) -> torch.Tensor:
@@ -44,7 +41,7 @@ def mass_on(maps: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
     return maps.flatten(1).gather(1, cells).sum(1)
 
 
-@register_attack("aai")
+@register_attack("aai", summary="the attack against interpretability: pushes down the map's top-k cells (Boopathy et al.)")
 class AAI(Attack):
     """Pushes down the true-class map's mass on its clean top-k cells (see the module docstring for the formula).
 
@@ -52,16 +49,15 @@ class AAI(Attack):
         k: number of top cells attacked (default 8). steps: iterations (200). step_size: α (0.01).
         random_start: start uniformly in the ε-ball (True, as the authors). keep_label: add the hinge that keeps
             the predicted label (False: the authors' evaluation). label_weight: λ of that hinge (default 1.0 with
-            keep_label, and it must stay 0 without). map_fn: `(model, x, classes) -> maps`, default true-class CAM.
+            keep_label, and it must stay 0 without). map_fn: a map name (`robust_train.interpret.MAPS`) or `(model, x, classes) -> maps`; default the
+            true-class CAM.
 
     Example: ``x_adv = AAI(eps=0.1)(model, x, y)``; then `map_stability(model, x, y, x_adv)`.
     """
 
-    name = "aai"
-
     def __init__(self, eps: float, *, k: int = 8, steps: int = 200, step_size: float = 0.01,
                  random_start: bool = True, keep_label: bool = False, label_weight: float | None = None,
-                 map_fn: MapFn | None = None, norm: str = "linf", bn_mode: str = "eval"):
+                 map_fn: str | MapFn = "cam", norm: str = "linf", bn_mode: str = "eval"):
         if norm != "linf":
             raise ConfigError(f"AAI is an L∞ attack (as in Boopathy et al.), got norm={norm!r}")
         super().__init__(eps, norm="linf", bn_mode=bn_mode)
@@ -74,7 +70,8 @@ class AAI(Attack):
         elif not keep_label and label_weight != 0:
             raise ConfigError(f"label_weight={label_weight} has no effect without keep_label=True")
         self.label_weight = float(check_positive("label_weight", label_weight, allow_zero=True))
-        self.map_fn = map_fn if map_fn is not None else cam
+        self.map_name = map_fn if isinstance(map_fn, str) else getattr(map_fn, "__name__", type(map_fn).__name__)
+        self.map_fn = differentiable_map(map_fn)
         self.loss = "topk_map_mass" + ("+label_hinge" if self.label_weight > 0 else "")
 
     def objective(self, model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
@@ -97,4 +94,12 @@ class AAI(Attack):
     def describe(self) -> dict:
         return {**super().describe(), "k": self.k, "random_start": self.random_start,
                 "keep_label": self.keep_label, "label_weight": self.label_weight,
-                "map_fn": getattr(self.map_fn, "__name__", type(self.map_fn).__name__)}
+                "map_fn": self.map_name}
+
+
+def stability_attack(name: str, eps: float, map_fn: str | MapFn = "cam", k: int = 8, steps: int | None = None):
+    """The registered attack `name` for measuring how a map moves (`robust_train.interpret.stability`): AAI attacks
+    the very map and top-k cells the measurement looks at; any other attack is taken as registered."""
+    options = {"map_fn": map_fn, "k": k} if name == "aai" else {}
+    return create_attack(name, eps, steps=steps, **options)
+

@@ -15,15 +15,15 @@ elementwise or per example, layout-agnostic).
 """
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Iterator, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from robust_train.errors import ConfigError
+from robust_train.modes import model_mode
 
 Norm = Literal["linf", "l2"]
 LossName = Literal["ce", "margin"]
@@ -47,35 +47,6 @@ def check_positive(name: str, value, allow_zero: bool = False):
 def upcast(t: torch.Tensor) -> torch.Tensor:
     """float16/bfloat16 (what a forward under autocast returns) -> float32; float32 and float64 pass unchanged."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-
-
-@contextlib.contextmanager
-def attack_mode(model: nn.Module, bn_mode: BNMode = "eval") -> Iterator[None]:
-    """Run the attack in `bn_mode` and restore every module's mode afterwards.
-
-    In "train" mode the attack uses batch statistics; BatchNorm running statistics are saved and put back so
-    that the k attack steps do not pollute them (fast_adversarial's train-mode attack does pollute them).
-    """
-    modes = [(m, m.training) for m in model.modules()]
-    saved_stats = []
-    if bn_mode == "train":
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
-                saved_stats.append((m, [b.clone() for b in (m.running_mean, m.running_var, m.num_batches_tracked)]))
-    elif bn_mode != "eval":
-        raise ConfigError(f"bn_mode={bn_mode!r}: use 'eval' or 'train'")
-    model.train(bn_mode == "train")
-    try:
-        with torch.enable_grad():
-            yield
-    finally:
-        for m, training in modes:
-            m.training = training
-        with torch.no_grad():
-            for m, (mean, var, count) in saved_stats:
-                m.running_mean.copy_(mean)
-                m.running_var.copy_(var)
-                m.num_batches_tracked.copy_(count)
 
 
 def attack_loss(logits: torch.Tensor, y: torch.Tensor, loss: LossName = "ce",
@@ -210,7 +181,7 @@ class Attack:
         x = upcast(x)  # the threat set in float32: bf16 steps are 1/256 near 1
         if self.eps == 0:
             return x.clone()
-        with attack_mode(model, self.bn_mode):
+        with model_mode(model, self.bn_mode, grad=True):
             x_adv = self.perturb(model, x, y, target if self.targeted else None)
         return x_adv.detach()
 

@@ -5,14 +5,12 @@ from robust_train.attacks.pgd import PGD
 from robust_train.attacks.registry import register_attack
 
 
-@register_attack("bim")
+@register_attack("bim", summary="BIM / I-FGSM: 10 signed steps of ε/10 from x")
 class BIM(PGD):
     """x₀ = x, then `steps` projected signed steps of α (default ε/steps, so the last step can reach the border).
 
     Example: ``x_adv = BIM(eps=0.3, steps=10)(model, x, y)``
     """
-
-    name = "bim"
 
     def __init__(self, eps: float, *, steps: int = 10, step_size: float | None = None, **kwargs):
         kwargs.setdefault("keep_best", False)

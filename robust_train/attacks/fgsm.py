@@ -6,14 +6,12 @@ from robust_train.attacks.base import Attack, check_positive, input_gradient, pr
 from robust_train.attacks.registry import register_attack
 
 
-@register_attack("fgsm")
+@register_attack("fgsm", summary="FGSM: one signed-gradient step of ε (Goodfellow et al.)")
 class FGSM(Attack):
     """x' = Π_ε(x₀ + α·sign ∇ℓ(x₀)), x₀ = x (or uniform in the ε-ball), α = ε unless given.
 
     Example: ``x_adv = FGSM(eps=0.3)(model, x, y)``
     """
-
-    name = "fgsm"
 
     def __init__(self, eps: float, *, step_size: float | None = None, random_start: bool = False, **kwargs):
         super().__init__(eps, **kwargs)

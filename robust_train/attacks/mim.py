@@ -7,7 +7,7 @@ from robust_train.attacks.base import Attack, Projector, check_positive, input_g
 from robust_train.attacks.registry import register_attack
 
 
-@register_attack("mim")
+@register_attack("mim", summary="MIM / MI-FGSM: BIM with momentum (Dong et al.)")
 class MIM(Attack):
     """g_{t+1} = μ·g_t + ∇ℓ(x_t)/mean|∇ℓ(x_t)| (mean over each image), x_{t+1} = Π_ε(x_t + α·sign g_{t+1}).
 
@@ -15,8 +15,6 @@ class MIM(Attack):
 
     Example: ``x_adv = MIM(eps=0.3, steps=10)(model, x, y)``
     """
-
-    name = "mim"
 
     def __init__(self, eps: float, *, steps: int = 10, step_size: float | None = None, decay: float = 1.0,
                  **kwargs):

@@ -12,11 +12,17 @@ import torch
 
 from robust_train.attacks.base import (Attack, Projector, check_positive, logits_and_loss, objective_gradient,
                                        random_start, steepest_step)
-from robust_train.attacks.registry import register_attack
+from robust_train.attacks.registry import EpsTimes, register_attack
 from robust_train.errors import ConfigError
 
 
-@register_attack("pgd")
+# Cross-entropy and margin PGD complement each other: CE is strong early, the margin loss does not saturate when the
+# softmax does (the classic gradient-masking failure of CE). Steps start at ε and shrink on a cosine: on robust
+# models a constant small step stalls in flat regions (bench/mnist_pgd.py compares the suite with AutoAttack).
+EVALUATION = {"steps": 100, "step_size": EpsTimes(1.0), "step_schedule": "cosine"}
+
+
+@register_attack("pgd", summary="PGD-100 on cross-entropy, α = ε on a cosine, best iterate (evaluation)", **EVALUATION)
 class PGD(Attack):
     """x_{t+1} = Π_ε(x_t + α·step(∇ℓ(x_t))), x₀ uniform in the ε-ball (or x when random_start=False).
 
@@ -35,8 +41,6 @@ class PGD(Attack):
 
     Example: ``x_adv = PGD(eps=0.3, steps=40, step_size=0.01)(model, x, y)``
     """
-
-    name = "pgd"
 
     def __init__(self, eps: float, *, steps: int = 10, step_size: float | None = None, random_start: bool = True,
                  restarts: int = 1, keep_best: bool = True, early_stop: bool = True,
@@ -105,6 +109,15 @@ class PGD(Attack):
 
     def describe(self) -> dict:
         return {**super().describe(), "random_start": self.random_start, "step_schedule": self.step_schedule}
+
+
+register_attack("pgd_margin", PGD, loss="margin", summary="PGD-100 on the margin loss max_{j≠y} z_j − z_y",
+                **EVALUATION)
+register_attack("pgd200", PGD, steps=200, step_size=0.01,
+                summary="200 steps of 0.01 from a random start: the MNIST tables of Boopathy et al.")
+register_attack("pgd_l2", PGD, norm="l2", steps=100, summary="L2 PGD-100, α = 2.5ε/steps")
+register_attack("pgd_madry", PGD, steps=40, keep_best=False,
+                summary="Madry et al.'s PGD-40: α = 2.5ε/steps, random start, last iterate (map stability)")
 
 
 def compaction_interval(x: torch.Tensor) -> int:

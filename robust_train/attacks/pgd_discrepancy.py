@@ -18,12 +18,10 @@ from robust_train.interpret.cam import all_class_cams
 from robust_train.interpret.discrepancy import discrepancy_from_cams
 
 
-@register_attack("pgd_discrepancy")
+@register_attack("pgd_discrepancy", summary="Int's inner maximisation: PGD on the CAM discrepancy D̃ (+ CE)")
 class DiscrepancyPGD(Attack):
     """Args: steps, step_size (α, default 2.5ε/steps), lam (λ), at_adv (add CE at x'), one_class (true-class
     term only), random_start. Needs a Classifier (`features`, `head`)."""
-
-    name = "pgd_discrepancy"
 
     def __init__(self, eps: float, *, steps: int = 40, step_size: float | None = None, lam: float = 0.01,
                  at_adv: bool = False, one_class: bool = False, random_start: bool = True, **kwargs):

@@ -10,23 +10,22 @@ from robust_train.attacks.pgd import PGD
 from robust_train.attacks.registry import register_attack
 
 
-@register_attack("pgd_targeted")
+@register_attack("pgd_targeted", summary="targeted margin PGD-100 towards the 3 likeliest wrong classes")
 class MultiTargetedPGD(Attack):
     """PGD on the targeted margin z_t − max_{j≠t} z_j for each of the top-`targets` wrong classes of the clean input.
+    early_stop: the inner PGD's (see PGD).
 
     Example: ``x_adv = MultiTargetedPGD(eps=0.3, targets=3, steps=100)(model, x, y)``
     """
 
-    name = "pgd_targeted"
-
     def __init__(self, eps: float, *, targets: int = 3, steps: int = 100, step_size: float | None = None,
-                 step_schedule: str = "cosine", **kwargs):
+                 step_schedule: str = "cosine", early_stop: bool = True, **kwargs):
         kwargs.setdefault("loss", "margin")
         super().__init__(eps, **kwargs)
         self.targets = int(check_positive("targets", targets))
         self.pgd = PGD(eps, steps=steps, step_size=(self.eps or None) if step_size is None else step_size,
                        step_schedule=step_schedule, targeted=True, loss=self.loss, norm=self.norm,
-                       bn_mode=self.bn_mode)
+                       bn_mode=self.bn_mode, early_stop=early_stop)
         self.steps, self.step_size = self.pgd.steps, self.pgd.step_size
 
     def perturb(self, model, x, y, target):

@@ -8,14 +8,12 @@ from robust_train.attacks.registry import register_attack
 from robust_train.errors import ConfigError
 
 
-@register_attack("rand_fgsm")
+@register_attack("rand_fgsm", summary="RAND-FGSM: a random sign step of ε/2, then FGSM (Tramèr et al.)")
 class RandFGSM(Attack):
     """x̃ = clip(x + α·sign(N(0, I))), x' = Π_ε(x̃ + (ε − α)·sign ∇ℓ(x̃)); α = ε/2 unless given.
 
     Example: ``x_adv = RandFGSM(eps=0.3, alpha=0.05)(model, x, y)``
     """
-
-    name = "rand_fgsm"
 
     def __init__(self, eps: float, *, alpha: float | None = None, **kwargs):
         super().__init__(eps, **kwargs)

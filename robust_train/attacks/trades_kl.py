@@ -14,14 +14,12 @@ def kl_to_clean(logits_adv: torch.Tensor, probs_clean: torch.Tensor) -> torch.Te
     return F.kl_div(F.log_softmax(upcast(logits_adv), dim=1), upcast(probs_clean), reduction="none").sum(1)
 
 
-@register_attack("trades_kl")
+@register_attack("trades_kl", summary="TRADES' inner maximisation of KL(f(x) ‖ f(x'))")
 class TRADESKL(Attack):
     """x₀ = x + 0.001·N(0, I) (TRADES' start), then `steps` projected signed steps of α on the KL term.
 
     Example: ``x_adv = TRADESKL(eps=0.3, steps=40, step_size=0.01)(model, x, y)``
     """
-
-    name = "trades_kl"
 
     def __init__(self, eps: float, *, steps: int = 10, step_size: float | None = None, **kwargs):
         super().__init__(eps, **kwargs)

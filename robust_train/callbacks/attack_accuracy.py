@@ -7,14 +7,14 @@ import torch
 from torchmetrics.classification import MulticlassAccuracy
 
 from robust_train.attacks.base import check_eps
-from robust_train.attacks.suite import build_attack
+from robust_train.attacks.registry import create_attack
 
 
 class AttackAccuracy(pl.Callback):
     """Logs `<stage>/robust_acc` (at the first ε) and `<stage>/robust_acc@<ε>` for every ε.
 
     Args:
-        attack: a preset name from robust_train.attacks.suite (default PGD on cross-entropy).
+        attack: a registered attack name (`python -m robust_train attacks`; default `pgd`, on cross-entropy).
         eps: budgets to evaluate; None means the training method's own ε.
         steps, restarts: override the preset's (validation runs every epoch, so keep it affordable).
         max_batches: attack only the first N batches of each epoch (None: all; under DDP, of each rank).
@@ -28,8 +28,9 @@ class AttackAccuracy(pl.Callback):
                  restarts: int | None = 1, max_batches: int | None = None):
         self.attack_name, self.steps, self.restarts, self.max_batches = attack, steps, restarts, max_batches
         self.eps = [check_eps(e) for e in eps] if eps is not None else None
-        build_attack(attack, 0.0, steps, restarts)  # fail at construction, not after an epoch
+        create_attack(attack, 0.0, steps=steps, restarts=restarts)  # fail at construction, not after an epoch
         self.metrics: dict[float, MulticlassAccuracy] = {}
+        self.attacks: dict = {}
 
     def _budgets(self, pl_module) -> list[float]:
         return self.eps if self.eps is not None else [float(pl_module.eps)]
@@ -38,6 +39,8 @@ class AttackAccuracy(pl.Callback):
         num_classes = pl_module.model.head.out_features
         self.metrics = {e: MulticlassAccuracy(num_classes, average="micro").to(pl_module.device)
                         for e in self._budgets(pl_module)}
+        self.attacks = {e: create_attack(self.attack_name, e, steps=self.steps, restarts=self.restarts)
+                        for e in self.metrics}
 
     def _batch(self, pl_module, batch, batch_idx):
         if self.max_batches is not None and batch_idx >= self.max_batches:
@@ -47,8 +50,7 @@ class AttackAccuracy(pl.Callback):
         with torch.inference_mode(False), torch.enable_grad():
             x, y = (t.clone() for t in batch[:2])
             for eps, metric in self.metrics.items():
-                attack = build_attack(self.attack_name, eps, self.steps, self.restarts)
-                x_adv = attack(pl_module.model, x, y)
+                x_adv = self.attacks[eps](pl_module.model, x, y)
                 with torch.no_grad():
                     metric.update(pl_module.model(x_adv), y)
 

@@ -26,11 +26,12 @@ import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
-from robust_train.attacks.base import attack_mode, check_eps, check_positive
-from robust_train.attacks.registry import create_attack
+from robust_train.attacks.base import check_eps, check_positive
+from robust_train.attacks.aai import stability_attack
 from robust_train.errors import ConfigError
 from robust_train.interpret.registry import MAPS
 from robust_train.interpret.stability import aggregate_stability, stability_per_image
+from robust_train.modes import model_mode
 
 GALLERY_IMAGES = 4
 
@@ -43,10 +44,10 @@ class MapStability(pl.Callback):
         every_n_epochs: run at the validation of epochs N, 2N, ... (counted from 1); 0 disables the callback
             entirely (validation during fit, `validate` and `test` alike).
         eps: budgets (L∞, pixel units of [0, 1] images); None means the training method's own ε (`pl_module.eps`).
-        attacks: names in the attack registry (`robust_train.attacks.ATTACKS`), e.g. "aai" (the attack on the
-            map itself) and "pgd" (the attack on the label, whose effect on the map is measured on the images
-            whose label survived). Each is built as `create_attack(name, eps=ε, steps=steps)`; AAI also gets the
-            map and `topk` below, so it attacks the very cells the metric looks at.
+        attacks: names in the attack registry (`python -m robust_train attacks`), e.g. "aai" (the attack on the
+            map itself) and "pgd_madry" (an attack on the label, whose effect on the map is measured on the images
+            whose label survived). Each is built by `stability_attack` with `steps` below; AAI also gets the map
+            and `topk` below, so it attacks the very cells the metric looks at.
         steps: attack iterations. 50 rather than the evaluation's 200 (Boopathy et al.): this runs inside
             training, once per (attack, ε) every few epochs, and its purpose is to show a trend. AAI moves
             α = 0.01 per step, so 50 steps can still reach the boundary of any ε ≤ 0.5 ball (MNIST's 0.3 after
@@ -79,8 +80,7 @@ class MapStability(pl.Callback):
 
     # -- the work itself, usable without a Trainer ------------------------------------------------------------
     def make_attack(self, name: str, eps: float):
-        kwargs = {"k": self.topk, "map_fn": self.map_fn} if name == "aai" else {}
-        return create_attack(name, eps=eps, steps=self.steps, **kwargs)
+        return stability_attack(name, eps, self.map_name, self.topk, self.steps)
 
     def budgets(self, pl_module) -> list[float]:
         return self.eps if self.eps is not None else [check_eps(pl_module.eps)]
@@ -90,7 +90,7 @@ class MapStability(pl.Callback):
         """{(attack, ε): aggregate_stability(...)} over the batches (x, y). The model comes back in the mode it
         was handed over in (every module's), whatever the attacks and maps do; inference mode is lifted."""
         per_image: dict[tuple[str, float], list] = {(a, e): [] for a in self.attacks for e in eps_list}
-        with torch.inference_mode(False), torch.enable_grad(), attack_mode(model, "eval"):
+        with torch.inference_mode(False), model_mode(model, "eval", grad=True):
             for x, y in batches:
                 x, y = x.clone(), y.clone()  # inference tensors (made under inference mode) cannot enter autograd
                 for name in self.attacks:
@@ -110,7 +110,7 @@ class MapStability(pl.Callback):
     def gallery(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_list: list[float],
                 class_names=None) -> np.ndarray:
         """(H, W, 3) uint8 picture of `attack_gallery` on the first images of x under [0] + ε, first attack."""
-        from robust_train.interpret.figures import attack_gallery, figure_to_array  # matplotlib only when used
+        from robust_train.figures import attack_gallery, figure_to_array  # matplotlib only when used
 
         with torch.inference_mode(False), torch.enable_grad():
             x, y = x[:GALLERY_IMAGES].clone(), y[:GALLERY_IMAGES].clone()

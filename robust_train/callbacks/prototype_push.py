@@ -29,6 +29,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from robust_train.attacks.base import check_positive
 from robust_train.data.base import TensorImageDataset, collate
 from robust_train.errors import ConfigError
+from robust_train.models.protopnet import is_prototype_model
+from robust_train.modes import model_mode
 
 
 def without_augmentation(dataset: Dataset, datamodule=None) -> Dataset:
@@ -63,7 +65,7 @@ def push_prototypes(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
     "patch_index": (P, 2)}; prototypes without an image of their class are left unchanged (index −1). The model's
     modes are restored; eval mode during the push.
     """
-    if not callable(getattr(model, "distances_from_latent", None)):
+    if not is_prototype_model(model):
         raise ConfigError(f"prototype push needs a ProtoPNet (arch protopnet); got {type(model).__name__}")
     protos = model.prototype_vectors
     device = device if device is not None else protos.device
@@ -75,9 +77,7 @@ def push_prototypes(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
     best_vec = protos.detach().flatten(1).clone().to(device)
     best_img = torch.full((n_protos,), -1, dtype=torch.long, device=device)
     best_hw = torch.full((n_protos, 2), -1, dtype=torch.long, device=device)
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
+    with model_mode(model, "eval", grad=False):
         seen = 0
         for x, y in batches:
             x, y = x.to(device), y.to(device)
@@ -101,9 +101,6 @@ def push_prototypes(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
         protos.data[pushed] = best_vec[pushed].view(-1, dim, 1, 1).to(protos.device, protos.dtype)
         model.prototype_image_index[pushed] = best_img[pushed].to(model.prototype_image_index.device)
         model.prototype_patch_index[pushed] = best_hw[pushed].to(model.prototype_patch_index.device)
-    finally:
-        for m, training in modes:
-            m.training = training
     return {"distance": best_d.cpu(), "image_index": best_img.cpu(), "patch_index": best_hw.cpu()}
 
 

@@ -8,6 +8,7 @@ from urllib.error import URLError
 
 import torch
 
+from robust_train.data.registry import register_data
 from robust_train.data.base import ImageDataModule, TensorImageDataset, random_crop_flip
 from robust_train.data.validate import read_npz, to_labels, to_uint8_nchw
 from robust_train.errors import ConfigError
@@ -19,8 +20,8 @@ DEFAULT_ROOT = "~/.cache/robust_train/cifar10"
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
+@register_data("cifar10")
 class CIFAR10Data(ImageDataModule):
-    name = "cifar10"
     num_classes = 10
     in_channels = 3
     image_size = (32, 32)

@@ -10,6 +10,7 @@ from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
+from robust_train.data.registry import register_data
 from robust_train.data.base import ImageDataModule
 from robust_train.errors import ConfigError
 
@@ -17,8 +18,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+@register_data("imagefolder")
 class ImageFolderData(ImageDataModule):
-    name = "imagefolder"
     in_channels = 3  # ImageFolder's loader converts every image to RGB
     eps_grid = tuple(e / 255 for e in (0, 2, 4, 6, 8, 9, 10))
 

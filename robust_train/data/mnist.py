@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from robust_train.data.base import ImageDataModule, TensorImageDataset
+from robust_train.data.registry import register_data
 from robust_train.errors import ConfigError
 
 BUNDLED = Path(__file__).parent / "mnist"
@@ -48,8 +49,8 @@ def _torchvision(root: str, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return ds.data.unsqueeze(1), ds.targets.long()
 
 
+@register_data("mnist")
 class MNISTData(ImageDataModule):
-    name = "mnist"
     num_classes = 10
     in_channels = 1
     image_size = (28, 28)

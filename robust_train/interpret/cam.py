@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from robust_train.interpret.registry import register_map
+
 
 def cam_from_features(fmap: torch.Tensor, head: nn.Linear) -> torch.Tensor:
     """All classes' CAMs (N, num_classes, H, W) from a feature map (N, K, H, W) and the linear head."""
@@ -27,6 +29,7 @@ def all_class_cams(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, tor
     return cam_from_features(fmap, model.head), model.logits_from_features(fmap)
 
 
+@register_map("cam")
 def cam(model: nn.Module, x: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
     """CAM of `classes` (default: the predicted class) for images x in [0, 1]: (N, H, W), keeps the graph."""
     maps, logits = all_class_cams(model, x)

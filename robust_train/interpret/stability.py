@@ -27,8 +27,8 @@ import torch
 from scipy import stats
 from torch import nn
 
-from robust_train.attacks.base import attack_mode
 from robust_train.interpret.cam import cam
+from robust_train.modes import model_mode
 
 MapFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -72,7 +72,7 @@ def stability_per_image(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_ad
     dropout or batch statistics cannot make τ(x, x) differ from 1; maps are computed with gradients enabled,
     for map functions that need them, and detached.
     """
-    with attack_mode(model, "eval"):
+    with model_mode(model, "eval", grad=True):
         clean_maps = map_fn(model, x, y).detach()
         adv_maps = map_fn(model, x_adv, y).detach()
         with torch.no_grad():

@@ -1,5 +1,7 @@
-"""Training methods as LightningModules on one base; recipes name them by class (`class_path: PGDTraining`)."""
+"""Training methods as LightningModules on one base, by name in `METHODS`; recipes name them by class
+(`class_path: PGDTraining`)."""
 from robust_train.methods.base import RobustModule
+from robust_train.methods.registry import METHODS, register_method
 from robust_train.methods.standard import StandardTraining
 from robust_train.methods.fgsm import FGSMTraining
 from robust_train.methods.fgsm_rs import FastFGSMTraining
@@ -10,10 +12,6 @@ from robust_train.methods.int2 import Int2AdvTraining, Int2Training
 from robust_train.methods.distillation import DistillationTraining
 from robust_train.methods.parseval import ParsevalTraining
 from robust_train.methods.ensemble_adv import EnsembleAdvTraining
+from robust_train.methods.protopnet import ProtoPNetTraining
 
-METHODS = {cls.__name__: cls for cls in (StandardTraining, FGSMTraining, FastFGSMTraining, PGDTraining,
-                                         TRADESTraining, IntTraining, IntAdvTraining, IntOneClassTraining,
-                                         Int2Training, Int2AdvTraining, DistillationTraining, ParsevalTraining,
-                                         EnsembleAdvTraining)}
-
-__all__ = ["METHODS", "RobustModule", *METHODS]
+__all__ = ["METHODS", "RobustModule", "register_method", *METHODS.names()]

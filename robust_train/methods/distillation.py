@@ -28,6 +28,7 @@ from robust_train.checkpoint import atomic_torch_save, classifier_from_checkpoin
 from robust_train.errors import ConfigError
 from robust_train.methods.base import DEFAULT_SPEC, RobustModule
 from robust_train.models import create_model
+from robust_train.methods.registry import register_method
 
 
 def soft_labels(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -47,6 +48,7 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+@register_method
 class DistillationTraining(RobustModule):
     """Args: temperature (T, 100 as in Carlini's MNIST and CIFAR runs), teacher_path (reuse or write the teacher
     here; default `<output>/<recipe>/teacher-<arch>-T<T>-<epochs>ep.ckpt`), teacher_epochs (default: the

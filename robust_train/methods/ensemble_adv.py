@@ -34,18 +34,21 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from robust_train.attacks import FGSM, RandFGSM, attack_mode
+from robust_train.attacks import FGSM, RandFGSM
 from robust_train.checkpoint import atomic_torch_save, classifier_from_checkpoint, read_checkpoint
 from robust_train.errors import ConfigError
 from robust_train.methods.base import DEFAULT_SPEC, RobustModule
 from robust_train.methods.distillation import file_sha256
 from robust_train.models import create_model
+from robust_train.modes import model_mode
+from robust_train.methods.registry import register_method
 
 # Two different small MNIST architectures, cheap enough to train on a CPU in a minute or two each.
 DEFAULT_STATIC_ARCHS = [{"arch": "small_cnn", "arch_kwargs": {"widths": [8, 16, 50]}},
                         {"arch": "small_cnn", "arch_kwargs": {"widths": [32, 64, 128]}}]
 
 
+@register_method
 class EnsembleAdvTraining(RobustModule):
     """Ensemble adversarial training: ½·(CE(f(x), y) + CE(f(x'), y)), x' crafted on one source per batch, drawn
     uniformly from the static models and the current model (the last index).
@@ -218,8 +221,8 @@ class EnsembleAdvTraining(RobustModule):
             attack = FGSM(eps, bn_mode=bn_mode)
         else:
             attack = RandFGSM(eps, alpha=min(self.rand_alpha, eps), bn_mode=bn_mode)
-        # The prediction in the attack's mode (attack_mode restores modes and BatchNorm statistics afterwards).
-        with attack_mode(model, bn_mode), torch.no_grad():
+        # The prediction in the attack's mode (model_mode restores modes and BatchNorm statistics afterwards).
+        with model_mode(model, bn_mode, grad=False):
             y_hat = model(x).argmax(1)
         return attack(model, x, y_hat)
 

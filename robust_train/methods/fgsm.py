@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from robust_train.attacks import FGSM
 from robust_train.methods.base import RobustModule
+from robust_train.methods.registry import register_method
 
 
+@register_method
 class FGSMTraining(RobustModule):
     """Cross-entropy on x' = FGSM(x), with step `step_ratio`·ε from x (or from a random start)."""
 

@@ -17,8 +17,10 @@ from robust_train.attacks.pgd_discrepancy import DiscrepancyPGD
 from robust_train.interpret.cam import all_class_cams
 from robust_train.interpret.discrepancy import discrepancy_from_cams
 from robust_train.methods.base import RobustModule
+from robust_train.methods.registry import register_method
 
 
+@register_method
 class IntTraining(RobustModule):
     """Int: inner PGD maximises D̃; outer loss CE at x plus λ·D̃ (set `adv` for CE at x*, i.e. Int-Adv)."""
 
@@ -53,12 +55,14 @@ class IntTraining(RobustModule):
         return F.cross_entropy(logits, y) + self.lam * d, logits
 
 
+@register_method
 class IntAdvTraining(IntTraining):
     """Int-Adv: inner PGD maximises CE(x') + λD̃, outer CE at x* + λD̃."""
 
     adv = True
 
 
+@register_method
 class IntOneClassTraining(IntTraining):
     """Int-one-class: D̃ reduced to the true class's map (the paper's ablation; far less robust)."""
 

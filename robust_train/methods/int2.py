@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from robust_train.attacks import PGD
 from robust_train.methods.int import IntTraining
+from robust_train.methods.registry import register_method
 
 
+@register_method
 class Int2Training(IntTraining):
     """Int2: CE-PGD examples, outer CE at x plus λ·D̃(x, x*)."""
 
@@ -19,6 +21,7 @@ class Int2Training(IntTraining):
                    bn_mode=self.hparams.attack_bn_mode)
 
 
+@register_method
 class Int2AdvTraining(Int2Training):
     """Int2-Adv: CE-PGD examples, outer CE at x* plus λ·D̃(x, x*)."""
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from robust_train.attacks import PGD
 from robust_train.methods.base import RobustModule
+from robust_train.methods.registry import register_method
 
 
+@register_method
 class PGDTraining(RobustModule):
     """Cross-entropy on PGD-`steps` examples of step `step_size` (MNIST as published: 40 × 0.01 at ε 0.3)."""
 

@@ -52,9 +52,8 @@ Adversarial (`adversarial="pgd"`): every phase's batch is replaced by PGD exampl
 loss (CE, Clst, Sep) is taken on them. Push always uses clean, un-augmented training images.
 `adversarial="pgd_prototype"` crafts them with the same steps on the margin of head(−distance) instead
 (`robust_train.attacks.pgd_prototype`, the attack that breaks a clean-trained ProtoPNet whose log similarity
-saturates CE). Measured on MNIST (the protopnet_pgd short run, 5 epochs, bench/RESULTS.md), it is the worse choice:
-the model became robust to pgd_prototype only (0.023 left at ε 0.3) and not to CE-PGD (0.000), where CE-PGD
-training left a worst case of 0.22. Keep "pgd" unless you are studying that.
+saturates CE). On MNIST it measured as the worse choice (bench/RESULTS.md, the protopnet_pgd short run): the model
+became robust to pgd_prototype only, not to CE-PGD. Keep "pgd" unless you are studying that.
 """
 from __future__ import annotations
 
@@ -65,9 +64,10 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 
 from robust_train.attacks import PGD, PrototypePGD
-from robust_train.attacks.pgd_prototype import is_prototype_model
 from robust_train.errors import ConfigError
 from robust_train.methods.base import RobustModule
+from robust_train.models.protopnet import is_prototype_model
+from robust_train.methods.registry import register_method
 
 PHASES = ("warm", "joint", "last")
 BASE_DEFAULTS = {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "lr_schedule": "constant",
@@ -101,6 +101,7 @@ def phase_plan(n_epochs: int, warm_epochs: int, push_start: int, push_every: int
     return phases[:n_epochs], {e for e in pushes if e < n_epochs}
 
 
+@register_method
 class ProtoPNetTraining(RobustModule):
     """ProtoPNet's losses and warm -> joint -> push -> last-layer schedule (module docstring) on arch `protopnet`.
 

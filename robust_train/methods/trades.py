@@ -5,8 +5,10 @@ import torch.nn.functional as F
 
 from robust_train.attacks.trades_kl import TRADESKL, kl_to_clean
 from robust_train.methods.base import RobustModule
+from robust_train.methods.registry import register_method
 
 
+@register_method
 class TRADESTraining(RobustModule):
     """β trades clean accuracy for robustness (β = 6 in the paper's CIFAR runs; larger β, more robust)."""
 

@@ -41,7 +41,8 @@ from torch import nn
 
 from robust_train.errors import ConfigError
 from robust_train.models.base import Classifier
-from robust_train.models.registry import create_model, register_model
+from robust_train.models.backbone import backbone_body, register_fixed_backbones
+from robust_train.models.registry import register_model
 
 INIT_STD = 0.001  # official: tf.random_normal_initializer(0.0, 0.001) for both 1×1 convs, zero biases
 
@@ -61,21 +62,12 @@ class AttentionPoolClassifier(Classifier):
     def __init__(self, backbone: str = "small_cnn", num_classes: int = 10, in_channels: int = 3,
                  mean=(0.0,), std=(1.0,), attention_dropout: float = 0.0, init_std: float = INIT_STD,
                  **backbone_kwargs):
-        if not isinstance(backbone, str):
-            raise ConfigError(f"attention_pool: backbone must be a model name such as 'small_cnn', got {backbone!r}")
-        if backbone.startswith("attention_pool"):
-            raise ConfigError(f"attention_pool: backbone {backbone!r} is itself an attention-pooling model; name a "
-                              "plain backbone such as small_cnn, preact_resnet18 or vgg16_bn")
         if not 0.0 <= attention_dropout < 1.0:
             raise ConfigError(f"attention_pool: attention_dropout={attention_dropout} must be in [0, 1)")
         if not init_std > 0:
             raise ConfigError(f"attention_pool: init_std={init_std} must be > 0")
-        net = create_model(backbone, num_classes=num_classes, in_channels=in_channels, mean=mean, std=std,
-                           **backbone_kwargs)
-        channels = getattr(getattr(net, "head", None), "in_features", None)
-        if not isinstance(getattr(net, "body", None), nn.Module) or not isinstance(channels, int):
-            raise ConfigError(f"attention_pool: backbone {backbone!r} has no `body` and linear `head` (the "
-                              "Classifier contract), so its last feature map cannot be found")
+        net, channels = backbone_body("attention_pool", backbone, num_classes=num_classes, in_channels=in_channels,
+                                      mean=mean, std=std, **backbone_kwargs)
         # The backbone's normalisation buffers become this model's. create_model fills mean/std with 0/1 for any
         # name not starting with tv_, so a pretrained tv_ backbone needs its statistics given explicitly.
         super().__init__(net.mean.flatten().tolist(), net.std.flatten().tolist())
@@ -136,16 +128,4 @@ def attention_pool(backbone: str = "small_cnn", **kwargs) -> AttentionPoolClassi
     return AttentionPoolClassifier(backbone, **kwargs)
 
 
-def _fixed(backbone: str):
-    def build(**kwargs) -> AttentionPoolClassifier:
-        if "backbone" in kwargs:
-            raise ConfigError(f"attention_pool_{backbone} fixes the backbone; use arch attention_pool with "
-                              f"backbone={kwargs['backbone']!r} instead")
-        return AttentionPoolClassifier(backbone, **kwargs)
-
-    return build
-
-
-# Fixed-backbone names for CIFAR-sized inputs (feature maps 4×4 and 2×2 at 32×32).
-register_model("attention_pool_preact_resnet18")(_fixed("preact_resnet18"))
-register_model("attention_pool_vgg16_bn")(_fixed("vgg16_bn"))
+register_fixed_backbones("attention_pool", AttentionPoolClassifier, ("preact_resnet18", "vgg16_bn"))

@@ -42,10 +42,10 @@ from torch import nn
 
 from robust_train.errors import ConfigError
 from robust_train.models.base import Classifier
-from robust_train.models.registry import create_model, register_model
+from robust_train.models.backbone import backbone_body, register_fixed_backbones
+from robust_train.models.registry import register_model
 
 LOG_EPSILON = 1e-4  # official: log((d + 1) / (d + 1e-4))
-NOT_WRAPPABLE = ("protopnet", "attention_pool")  # heads on a backbone: their `body` is not what their head reads
 
 
 class ProtoPNet(Classifier):
@@ -65,22 +65,13 @@ class ProtoPNet(Classifier):
                  mean=(0.0,), std=(1.0,), prototypes_per_class: int = 10, prototype_dim: int = 128,
                  activation: Literal["log", "linear"] = "log", incorrect_class_connection: float = -0.5,
                  **backbone_kwargs):
-        if not isinstance(backbone, str):
-            raise ConfigError(f"protopnet: backbone must be a model name such as 'small_cnn', got {backbone!r}")
-        if backbone.startswith(NOT_WRAPPABLE):
-            raise ConfigError(f"protopnet: backbone {backbone!r} is itself a head on a backbone; name a plain "
-                              "backbone such as small_cnn, preact_resnet18 or vgg16_bn")
         for label, value in (("prototypes_per_class", prototypes_per_class), ("prototype_dim", prototype_dim)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"protopnet: {label}={value!r} must be a positive integer")
         if activation not in ("log", "linear"):
             raise ConfigError(f"protopnet: activation={activation!r}: use 'log' (official) or 'linear'")
-        net = create_model(backbone, num_classes=num_classes, in_channels=in_channels, mean=mean, std=std,
-                           **backbone_kwargs)
-        channels = getattr(getattr(net, "head", None), "in_features", None)
-        if not isinstance(getattr(net, "body", None), nn.Module) or not isinstance(channels, int):
-            raise ConfigError(f"protopnet: backbone {backbone!r} has no `body` and linear `head` (the Classifier "
-                              "contract), so its last feature map cannot be found")
+        net, channels = backbone_body("protopnet", backbone, num_classes=num_classes, in_channels=in_channels,
+                                      mean=mean, std=std, **backbone_kwargs)
         super().__init__(net.mean.flatten().tolist(), net.std.flatten().tolist())
         self.backbone_name = backbone
         self.num_classes = num_classes
@@ -169,11 +160,13 @@ class ProtoPNet(Classifier):
         # max_hw S_j = sim(min_hw d_j) since the similarity decreases in d: the same logits as forward().
         return self.head(fmap.amax(dim=(2, 3)))
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_with_distances(x)[0]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_with_distances(x)[0]
+
+
+def is_prototype_model(model: nn.Module) -> bool:
+    """Whether `model` is a ProtoPNet: the one test every prototype-specific attack, map and report uses."""
+    return isinstance(model, ProtoPNet)
 
 
 @register_model("protopnet")
@@ -182,16 +175,4 @@ def protopnet(backbone: str = "small_cnn", **kwargs) -> ProtoPNet:
     return ProtoPNet(backbone, **kwargs)
 
 
-def _fixed(backbone: str):
-    def build(**kwargs) -> ProtoPNet:
-        if "backbone" in kwargs:
-            raise ConfigError(f"protopnet_{backbone} fixes the backbone; use arch protopnet with "
-                              f"backbone={kwargs['backbone']!r} instead")
-        return ProtoPNet(backbone, **kwargs)
-
-    return build
-
-
-# Fixed-backbone names for CIFAR-sized inputs (latent maps 4×4 and 2×2 at 32×32), as for attention_pool.
-register_model("protopnet_preact_resnet18")(_fixed("preact_resnet18"))
-register_model("protopnet_vgg16_bn")(_fixed("vgg16_bn"))
+register_fixed_backbones("protopnet", ProtoPNet, ("preact_resnet18", "vgg16_bn"))

@@ -31,9 +31,11 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from robust_train.attacks.base import Attack, attack_mode, input_gradient
+from robust_train.attacks.base import input_gradient
 from robust_train.attacks.fgsm import FGSM
 from robust_train.attacks.pgd import PGD
+from robust_train.evaluate.accuracy import correct_under, mean, worst_case
+from robust_train.modes import model_mode
 
 STEPS, STEPS_FACTOR = 10, 4  # monotone_in_steps: PGD at 10 and 40 steps
 LARGE_EPS, LARGE_EPS_STEPS, LARGE_EPS_MAX_ACCURACY = 1.0, 20, 0.05
@@ -47,23 +49,6 @@ def tolerance(n: int) -> float:
 
 def result(check: str, passed: bool, detail: str, **numbers) -> dict:
     return {"check": check, "passed": bool(passed), "detail": detail, **numbers}
-
-
-def correct_under(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack | None = None,
-                  batch_size: int = 250) -> torch.Tensor:
-    """Per example: is the prediction on attack(x) (x itself when attack is None) still y?"""
-    out = []
-    for i in range(0, len(x), batch_size):
-        xb, yb = x[i:i + batch_size], y[i:i + batch_size]
-        if attack is not None:
-            xb = attack(model, xb, yb)
-        with attack_mode(model, "eval"), torch.no_grad():
-            out.append(model(xb).argmax(1) == yb)
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool, device=y.device)
-
-
-def _mean(correct: torch.Tensor) -> float:
-    return correct.float().mean().item() if len(correct) else float("nan")
 
 
 def sign_noise(x: torch.Tensor, eps: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -142,7 +127,7 @@ def noise_not_stronger(white_acc: float, noise_acc: float, n: int) -> dict:
 # --------------------------------------------------------------------------------------- checks that run the model
 def deterministic_output(model: nn.Module, x: torch.Tensor, repeats: int = 3, rtol: float = 1e-4) -> dict:
     """Repeated forward passes must agree (up to `rtol` of the logits' norm), as AutoAttack's randomness check."""
-    with attack_mode(model, "eval"), torch.no_grad():
+    with model_mode(model, "eval", grad=False):
         outs = [model(x) for _ in range(repeats)]
     scale = outs[0].flatten(1).norm(dim=1).clamp_min(1e-12)
     diff = max(((o - outs[0]).flatten(1).norm(dim=1) / scale).max().item() for o in outs) if len(x) else 0.0
@@ -155,7 +140,7 @@ def deterministic_output(model: nn.Module, x: torch.Tensor, repeats: int = 3, rt
 def outputs_are_logits(model: nn.Module, x: torch.Tensor, atol: float = 1e-5) -> dict:
     """The outputs must not already be probabilities (in [0, 1], rows summing to 1): cross-entropy on
     probabilities is a much weaker attack loss (AutoAttack's output-range check)."""
-    with attack_mode(model, "eval"), torch.no_grad():
+    with model_mode(model, "eval", grad=False):
         out = model(x)
     probabilities = bool(len(x)) and bool(out.min() > -atol and out.max() < 1 + atol
                                           and ((out.sum(-1) - 1).abs() < atol).all())
@@ -172,7 +157,7 @@ def zero_gradient_share(model: nn.Module, x: torch.Tensor, y: torch.Tensor, max_
     however small a non-zero gradient would still be usable, so exact zeros are what matter. Also reported: the
     share among correctly classified examples (the ones an attack must move) and the share of zero elements."""
     zero_rows, zero_elems, elems, correct = [], 0, 0, []
-    with attack_mode(model, "eval"):
+    with model_mode(model, "eval", grad=True):
         for i in range(0, len(x), batch_size):
             grad, logits, _ = input_gradient(model, x[i:i + batch_size], y[i:i + batch_size])
             zero_rows.append(grad.flatten(1).abs().sum(1) <= threshold)
@@ -183,8 +168,8 @@ def zero_gradient_share(model: nn.Module, x: torch.Tensor, y: torch.Tensor, max_
         return result("zero_gradients", True, "no examples", share=0.0, share_of_correct=0.0,
                       element_share=0.0, max_share=max_share)
     zero, correct = torch.cat(zero_rows), torch.cat(correct)
-    share = _mean(zero)
-    share_correct = _mean(zero[correct]) if correct.any() else 0.0
+    share = mean(zero)
+    share_correct = mean(zero[correct]) if correct.any() else 0.0
     numbers = {"share": share, "share_of_correct": share_correct, "element_share": zero_elems / max(elems, 1),
                "count": int(zero.sum()), "max_share": max_share}
     if share > max_share:
@@ -202,7 +187,7 @@ def monotone_in_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: f
     for k in (steps, steps * factor):
         if seed is not None:
             torch.manual_seed(seed)
-        accs[k] = _mean(correct_under(model, x, y, ce_pgd(eps, k), batch_size))
+        accs[k] = mean(correct_under(model, x, y, ce_pgd(eps, k), batch_size))
     return {**steps_compared(accs, len(x)), "eps": eps}
 
 
@@ -214,7 +199,7 @@ def large_eps_breaks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: fl
     start is noise, which breaks most images without any gradient, so it would hide the very failure looked for."""
     if seed is not None:
         torch.manual_seed(seed)
-    acc = _mean(correct_under(model, x, y, ce_pgd(eps, steps, random_start=False), batch_size))
+    acc = mean(correct_under(model, x, y, ce_pgd(eps, steps, random_start=False), batch_size))
     numbers = {"eps": eps, "steps": steps, "accuracy": acc, "max_accuracy": max_accuracy}
     if acc > max_accuracy:
         return result("large_eps_breaks", False, f"PGD at ε={eps:g} leaves accuracy {acc:.4f} > {max_accuracy:g}, "
@@ -247,25 +232,22 @@ def run_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *
     for k in (STEPS, STEPS * STEPS_FACTOR):
         torch.manual_seed(seed)  # the same random start for both step counts
         by_steps[k] = correct_under(model, x, y, ce_pgd(eps, k), batch_size)
-    rows.append({**steps_compared({k: _mean(c) for k, c in by_steps.items()}, n), "eps": eps})
+    rows.append({**steps_compared({k: mean(c) for k, c in by_steps.items()}, n), "eps": eps})
 
     if reuse_fgsm_pgd is not None:
         rows.append({**iterative_not_weaker(*reuse_fgsm_pgd, n_eval or n), "eps": eps, "reused": True})
         fgsm_correct = None
     else:
         fgsm_correct = correct_under(model, x, y, FGSM(eps), batch_size)
-        rows.append({**iterative_not_weaker(_mean(fgsm_correct), _mean(by_steps[STEPS]), n), "eps": eps})
+        rows.append({**iterative_not_weaker(mean(fgsm_correct), mean(by_steps[STEPS]), n), "eps": eps})
 
     rows.append(large_eps_breaks(model, x, y, batch_size=batch_size, seed=seed))
 
-    white = torch.ones_like(y, dtype=torch.bool) if white_correct is None else white_correct.clone()
-    for c in (*by_steps.values(), fgsm_correct):
-        if c is not None:
-            white &= c
+    start = torch.ones_like(y, dtype=torch.bool) if white_correct is None else white_correct
+    white = worst_case(start, [c for c in (*by_steps.values(), fgsm_correct) if c is not None])
     generator = torch.Generator(device=x.device).manual_seed(seed)
-    noise = torch.cat([correct_under(model, sign_noise(x[i:i + batch_size], eps, generator), y[i:i + batch_size])
-                       for i in range(0, n, batch_size)]) if n else white
-    rows.append({**noise_not_stronger(_mean(white), _mean(noise), n), "eps": eps,
+    noise = correct_under(model, x, y, lambda _, xb, yb: sign_noise(xb, eps, generator), batch_size)
+    rows.append({**noise_not_stronger(mean(white), mean(noise), n), "eps": eps,
                  "broken_only_by_noise": int((white & ~noise).sum())})
 
     if transfer_correct is not None:
@@ -273,7 +255,7 @@ def run_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *
             reference = transfer_white  # the suite's worst case on every evaluated example
         else:  # no suite result at this ε: compare on x, with the checks' own attacks as the white box
             reference, transfer_correct = white, transfer_correct[:n]
-        rows.append({**black_box_not_stronger(_mean(reference), _mean(transfer_correct), len(reference)),
+        rows.append({**black_box_not_stronger(mean(reference), mean(transfer_correct), len(reference)),
                      "eps": eps, "broken_only_by_transfer": int((reference & ~transfer_correct).sum())})
     return rows
 

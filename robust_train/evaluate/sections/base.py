@@ -1,0 +1,32 @@
+"""A report section: one part of `evaluate`'s report, with the report.json fields it owns, the work that fills them
+and its text in report.md and on the console. Adding one is a file with a registered `Section` subclass, imported
+in sections/__init__.py; `order` places it (later sections may read what earlier ones left in `Evaluation.results`).
+"""
+from __future__ import annotations
+
+from robust_train.evaluate.evaluation import Evaluation
+from robust_train.registry import Registry
+
+SECTIONS: Registry = Registry("report section")
+register_section = SECTIONS.register
+
+
+class Section:
+    order = 0
+    title: str | None = None  # its heading in report.md and on the console; None: no heading of its own
+    fields: dict = {}  # report.json fields it owns, with their values when it does not run
+
+    def prepare(self, ev: Evaluation) -> None:
+        """Checks that need the model or the data, run for every section before any section's work."""
+
+    def run(self, ev: Evaluation) -> dict:
+        """The section's work; returns its report fields."""
+        raise NotImplementedError
+
+    def text(self, report: dict) -> str:
+        """Its body in report.md and on the console; "" when it has nothing to say."""
+        return ""
+
+
+def sections_in_order() -> list[Section]:
+    return sorted((SECTIONS.get(name)() for name in SECTIONS.names()), key=lambda s: s.order)
