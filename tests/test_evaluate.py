@@ -117,6 +117,28 @@ def test_no_pictures_and_no_stability_attacks(robustish_checkpoint, tmp_path, ca
 
 
 BAD_OPTIONS = {
+    "n 0": (["--n", "0"], "--n 0 must be a positive integer"),
+    "num-images negative": (["--num-images", "-5"], "--n -5 must be a positive integer"),
+    "batch-size 0": (["--batch-size", "0"], "--batch-size 0 must be a positive integer"),
+    "steps 0": (["--steps", "0"], "--steps 0 must be a positive integer"),
+    "restarts 0": (["--restarts", "0"], "--restarts 0 must be a positive integer"),
+    "eps out of range": (["--eps", "0,2"], "out of range"),
+    "eps names none": (["--eps", ","], "names no budget"),
+    "attacks names none": (["--attacks", ","], "names no attack"),
+    "unknown attack": (["--attacks", "fgsm,nope"], "unknown attack 'nope'"),
+    "pgd_prototype on a plain model": (["--attacks", "pgd_prototype"], "needs a ProtoPNet checkpoint"),
+    "out under a file": (["--out", "{file}/r"], "is a file, not a folder"),
+    "seed not a number": (["--seed", "abc"], "--seed"),
+    "device unknown": (["--device", "warp_drive"], "--device 'warp_drive'"),
+    "devices 0": (["--devices", "0"], "--devices '0' must be a positive number"),
+    "accelerator unknown": (["--accelerator", "abacus"], "--accelerator 'abacus'"),
+    "num-nodes 0": (["--num-nodes", "0"], "--num-nodes 0 must be a positive integer"),
+    "data-root missing": (["--data-root", "/no/such/folder"], "/no/such/folder"),
+    "checks-n 0": (["--checks-n", "0"], "--checks-n 0 must be a positive integer"),
+    "transfer-from missing": (["--transfer-from", "/no/such.ckpt"], "--transfer-from: checkpoint"),
+    "n-pictures 0": (["--n-pictures", "0"], "--n-pictures 0 must be a positive integer"),
+    "ckpt missing": (["--ckpt", "/no/such.ckpt"], "not found"),
+    "unknown option": (["--epsilon", "0.3"], "unrecognized arguments"),
     "stability-n 0": (["--stability-n", "0"], "--stability-n 0 must be a positive integer"),
     "stability-n negative": (["--stability-n", "-3"], "--stability-n -3 must be a positive integer"),
     "stability-n not a number": (["--stability-n", "many"], "--stability-n"),
@@ -130,15 +152,26 @@ BAD_OPTIONS = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_OPTIONS))
-def test_bad_stability_options_give_one_line_and_exit_code_2(robustish_checkpoint, tmp_path, capsys, case):
+def test_bad_options_give_one_line_and_exit_code_2(robustish_checkpoint, tmp_path, capsys, case):
     flags, expected = BAD_OPTIONS[case]
+    (tmp_path / "file").write_text("not a folder")
+    flags = [f.replace("{file}", str(tmp_path / "file")) for f in flags]
     rc = cli_main(["evaluate", "--ckpt", str(robustish_checkpoint), "--n", "8", "--eps", "0,0.1", "--attacks", "fgsm",
                    "--out", str(tmp_path / "r"), *flags])
     captured = capsys.readouterr()
-    lines = [ln for ln in captured.err.splitlines() if ln.strip() and "batch" not in ln]
+    lines = [ln for ln in captured.err.splitlines() if ln.strip() and "%|" not in ln]  # not progress bars
     assert rc == 2
     assert len(lines) == 1 and lines[0].startswith("robust-train: error:") and expected in lines[0], captured.err
     assert not (tmp_path / "r").exists()
+
+
+def test_every_option_of_evaluate_has_a_bad_input_case():
+    from robust_train.evaluate.cli import parser
+
+    flags = {f for case in BAD_OPTIONS.values() for f in case[0] if f.startswith("--")}
+    options = {o for action in parser()._actions for o in action.option_strings if o not in ("-h", "--help")}
+    switches = {"--no-pictures", "--no-checks"}  # on/off: nothing to get wrong
+    assert options - switches - flags == set()
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,8 @@ CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 
 @register_data("cifar10")
 class CIFAR10Data(ImageDataModule):
+    """CIFAR-10 from a torchvision folder, or from a `cifar10_subset.npz` (`root`)."""
+
     num_classes = 10
     in_channels = 3
     image_size = (32, 32)

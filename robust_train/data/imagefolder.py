@@ -20,6 +20,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @register_data("imagefolder")
 class ImageFolderData(ImageDataModule):
+    """Any ImageFolder tree (`root/train/<class>/*`, e.g. CUB-200), resized and cropped."""
+
     in_channels = 3  # ImageFolder's loader converts every image to RGB
     eps_grid = tuple(e / 255 for e in (0, 2, 4, 6, 8, 9, 10))
 

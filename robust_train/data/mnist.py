@@ -51,6 +51,8 @@ def _torchvision(root: str, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
 
 @register_data("mnist")
 class MNISTData(ImageDataModule):
+    """MNIST: the bundled 17,435 training images and the official test set, or a torchvision folder (`root`)."""
+
     num_classes = 10
     in_channels = 1
     image_size = (28, 28)

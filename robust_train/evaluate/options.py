@@ -9,12 +9,15 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
 from robust_train.attacks import ATTACKS
 from robust_train.attacks.base import check_eps
 from robust_train.errors import ConfigError
 from robust_train.interpret import MAPS
 
 STABILITY_ATTACKS = ("aai", "pgd_madry")
+ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
 
 
 def parse_eps(text: str) -> list[float]:
@@ -135,6 +138,13 @@ class EvaluateOptions:
             self.out = Path(self.out)
             check_output_folder(self.out)
         self.devices = self._devices(self.devices)
+        if self.accelerator not in ACCELERATORS:
+            raise ConfigError(f"--accelerator {self.accelerator!r}: use one of {', '.join(ACCELERATORS)}")
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                raise ConfigError(f"--device {self.device!r} is not a device: use cpu, cuda or cuda:1, ...") from None
 
     @staticmethod
     def _devices(devices) -> int | str:

@@ -124,7 +124,7 @@ class AttentionPoolClassifier(Classifier):
 
 @register_model("attention_pool")
 def attention_pool(backbone: str = "small_cnn", **kwargs) -> AttentionPoolClassifier:
-    """Any backbone by name (default small_cnn, for MNIST)."""
+    """Rank-1 attention pooling (Girdhar & Ramanan) on any backbone by name (default small_cnn, for MNIST)."""
     return AttentionPoolClassifier(backbone, **kwargs)
 
 

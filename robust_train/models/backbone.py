@@ -39,4 +39,5 @@ def register_fixed_backbones(owner: str, build: Callable[..., nn.Module], backbo
                                   f"backbone={kwargs['backbone']!r} instead")
             return build(_backbone, **kwargs)
 
+        fixed.__doc__ = f"{owner} on {backbone}, for CIFAR-sized inputs"
         register_model(f"{owner}_{backbone}")(fixed)

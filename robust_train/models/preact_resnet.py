@@ -50,4 +50,5 @@ class PreActResNet(Classifier):
 
 @register_model("preact_resnet18")
 def preact_resnet18(**kwargs) -> PreActResNet:
+    """PreAct ResNet-18 for 32x32 images (the fast-AT and robust-overfitting papers' network)."""
     return PreActResNet((2, 2, 2, 2), **kwargs)

@@ -171,7 +171,7 @@ def is_prototype_model(model: nn.Module) -> bool:
 
 @register_model("protopnet")
 def protopnet(backbone: str = "small_cnn", **kwargs) -> ProtoPNet:
-    """Any backbone by name (default small_cnn, for MNIST)."""
+    """ProtoPNet's prototype layer (Chen et al.) on any backbone by name (default small_cnn, for MNIST)."""
     return ProtoPNet(backbone, **kwargs)
 
 

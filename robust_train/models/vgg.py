@@ -30,4 +30,5 @@ class VGG(Classifier):
 
 @register_model("vgg16_bn")
 def vgg16_bn(**kwargs) -> VGG:
+    """VGG-16 with batch norm, CIFAR form (3x3 convs, GAP and a linear head)."""
     return VGG(VGG16, **kwargs)

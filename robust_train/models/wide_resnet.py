@@ -64,14 +64,17 @@ class WideResNet(Classifier):
 
 @register_model("wide_resnet")
 def wide_resnet(depth: int = 34, widen: int = 10, dropout: float = 0.0, **kwargs) -> WideResNet:
+    """WideResNet-`depth`-`widen` (Madry et al.'s and TRADES' CIFAR form)."""
     return WideResNet(depth, widen, dropout, **kwargs)
 
 
 @register_model("wide_resnet34_10")
 def wide_resnet34_10(dropout: float = 0.0, **kwargs) -> WideResNet:
+    """WideResNet-34-10, the robust-CIFAR benchmark network."""
     return WideResNet(34, 10, dropout, **kwargs)
 
 
 @register_model("wide_resnet28_10")
 def wide_resnet28_10(dropout: float = 0.0, **kwargs) -> WideResNet:
+    """WideResNet-28-10."""
     return WideResNet(28, 10, dropout, **kwargs)
