@@ -56,6 +56,24 @@ def classifier_from_checkpoint(ckpt: dict) -> nn.Module:
     return model.eval()
 
 
+def checkpoint_metadata(method: str, arch: str, arch_kwargs: dict | None, data_spec: dict, eps: float,
+                        extra: dict | None = None) -> dict:
+    """The `checkpoint["robust_train"]` dict that `classifier_from_checkpoint` reads: the format version, the
+    writer (`method`), the model (`arch`, `arch_kwargs`), the data (`data_spec`), ε, then the `extra` entries.
+
+    Plain containers and numbers only (callers pass plain values in `extra`), so it loads with weights_only=True.
+    """
+    return {"format": 1, "method": method, "arch": arch, "arch_kwargs": dict(arch_kwargs or {}),
+            "data_spec": dict(data_spec), "eps": float(eps), **(extra or {})}
+
+
+def save_classifier(model: nn.Module, metadata: dict, path: str | os.PathLike) -> None:
+    """Write a bare classifier checkpoint atomically: `metadata` and the model's weights on the CPU, under the
+    `model.` prefix of a training checkpoint, so `read_checkpoint` and `load` take it like one written by `fit`."""
+    state = {f"model.{k}": v.detach().cpu() for k, v in model.state_dict().items()}
+    atomic_torch_save({"robust_train": metadata, "state_dict": state}, path)
+
+
 def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
     """The trained classifier of a robust_train checkpoint as a plain `torch.nn.Module` in eval mode.
 

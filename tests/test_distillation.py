@@ -77,6 +77,19 @@ def test_the_student_checkpoint_references_the_teacher(fitted):
     assert len(info["teacher"]["sha256"]) == 64 and info["temperature"] == 20.0
 
 
+def test_the_teacher_file_is_a_classifier_checkpoint_with_its_temperature(fitted):
+    import robust_train
+    from robust_train.methods.base import DEFAULT_SPEC
+    root, module, _ = fitted
+    ckpt = torch.load(root / "teacher.ckpt", weights_only=True)
+    assert set(ckpt) == {"robust_train", "state_dict"}
+    assert ckpt["robust_train"] == {"format": 1, "method": "DistillationTeacher", "arch": "small_cnn",
+                                    "arch_kwargs": {}, "data_spec": DEFAULT_SPEC, "eps": 0.3, "temperature": 20.0}
+    x = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(robust_train.load(root / "teacher.ckpt")(x), module.teacher.cpu()(x))
+
+
 def test_a_finished_teacher_is_reused(fitted):
     root, module, _ = fitted
     mtime = os.stat(root / "teacher.ckpt").st_mtime_ns

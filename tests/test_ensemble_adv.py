@@ -27,7 +27,7 @@ def chi2(draws: list[int], k: int) -> float:
 
 
 def test_registered_under_its_class_name():
-    assert METHODS["EnsembleAdvTraining"] is EnsembleAdvTraining
+    assert METHODS.get("EnsembleAdvTraining") is EnsembleAdvTraining
 
 
 @pytest.mark.parametrize("static", [None, ["a.ckpt", "b.ckpt", "c.ckpt", "d.ckpt"]])
@@ -88,6 +88,21 @@ def test_self_trained_static_models_are_two_different_architectures(fitted):
     assert infos[0]["arch_kwargs"] != infos[1]["arch_kwargs"]
     shapes = [[tuple(p.shape) for p in m.parameters()] for m in module.static_models]
     assert shapes[0] != shapes[1]
+
+
+def test_static_files_are_classifier_checkpoints_with_their_training_record(fitted):
+    import robust_train
+    from robust_train.methods.base import DEFAULT_SPEC
+    root, module, _ = fitted
+    x = torch.rand(4, 1, 28, 28)
+    for i, (path, static) in enumerate(zip(static_files(root), module.static_models)):
+        ckpt = torch.load(path, weights_only=True)
+        assert set(ckpt) == {"robust_train", "state_dict"}
+        assert ckpt["robust_train"] == {"format": 1, "method": "EnsembleStaticModel", "arch": "small_cnn",
+                                        "arch_kwargs": module.static_archs[i]["arch_kwargs"],
+                                        "data_spec": DEFAULT_SPEC, "eps": 0.0, "static": module._static_record(i)}
+        with torch.no_grad():
+            assert torch.equal(robust_train.load(path)(x), static.cpu()(x))
 
 
 def test_static_models_are_frozen_in_eval_mode_and_outside_the_module(fitted):
@@ -160,11 +175,9 @@ def test_adversarial_batch_uses_the_drawn_source_and_the_loss_is_half_clean_plus
 def test_rand_fgsm_stays_in_the_ball(fitted, batch):
     _, module, _ = fitted
     x, _ = batch
-    module.attack = "rand_fgsm"
-    try:
-        x_adv = module.craft(0, x, 0.3)
-    finally:
-        module.attack = "fgsm"
+    rand = EnsembleAdvTraining(attack="rand_fgsm")  # the attack is built with the module: borrow the static models
+    object.__setattr__(rand, "static_models", module.static_models)
+    x_adv = rand.craft(0, x, 0.3)
     assert (x_adv - x).abs().max() <= 0.3 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
     assert not torch.equal(x_adv, module.craft(0, x, 0.3))
 

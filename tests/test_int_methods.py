@@ -49,7 +49,7 @@ def perturbed(x, eps: float = 0.3, seed: int = 1):
 
 def test_all_five_are_registered_methods():
     for cls in INT_METHODS:
-        assert METHODS[cls.__name__] is cls
+        assert METHODS.get(cls.__name__) is cls
     assert (IntTraining.adv, IntAdvTraining.adv, IntOneClassTraining.adv, Int2Training.adv, Int2AdvTraining.adv) == \
         (False, True, False, False, True)
     assert IntOneClassTraining.one_class and not IntTraining.one_class and not Int2AdvTraining.one_class
@@ -86,7 +86,7 @@ def test_adversarial_batch_stays_in_the_ball_and_is_x_at_eps_zero(cls, batch):
                          ids=["Int", "IntAdv", "IntOneClass"])
 def test_int_inner_attack_is_discrepancy_pgd(cls, at_adv, one_class, batch):
     module = make(cls, lam=0.5, steps=4, step_size=0.05)
-    attack = module.inner_attack(0.2)
+    attack = module.training_attack.at(0.2)
     assert isinstance(attack, DiscrepancyPGD)
     assert (attack.eps, attack.steps, attack.step_size, attack.lam) == (0.2, 4, 0.05, 0.5)
     assert (attack.at_adv, attack.one_class, attack.random_start) == (at_adv, one_class, True)
@@ -101,7 +101,7 @@ def test_int_inner_attack_is_discrepancy_pgd(cls, at_adv, one_class, batch):
 @pytest.mark.parametrize("cls", [Int2Training, Int2AdvTraining], ids=lambda c: c.__name__)
 def test_int2_inner_attack_is_ce_pgd(cls, batch):
     module = make(cls, steps=4, step_size=0.05)
-    attack = module.inner_attack(0.2)
+    attack = module.training_attack.at(0.2)
     assert isinstance(attack, PGD) and not isinstance(attack, DiscrepancyPGD)
     assert (attack.eps, attack.steps, attack.step_size, attack.keep_best, attack.random_start) == \
         (0.2, 4, 0.05, False, True)

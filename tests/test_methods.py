@@ -10,6 +10,7 @@ from robust_train.callbacks import AttackAccuracy, RobustCheckpoint
 from robust_train.data import MNISTData
 from robust_train.methods import (METHODS, FastFGSMTraining, FGSMTraining, PGDTraining, RobustModule,
                                   StandardTraining, TRADESTraining)
+from robust_train.methods.base import DEFAULT_SPEC
 from tests.conftest import quiet_trainer
 
 SMALL = {name: {"steps": 3} for name in ("PGDTraining", "TRADESTraining", "IntTraining", "IntAdvTraining",
@@ -29,7 +30,7 @@ def mnist():
 
 def make(name: str, **kwargs) -> RobustModule:
     torch.manual_seed(0)
-    return METHODS[name](**{**SMALL.get(name, {}), **kwargs})
+    return METHODS.get(name)(**{**SMALL.get(name, {}), **kwargs})
 
 
 @pytest.mark.parametrize("name", TRAINED_HERE)
@@ -140,3 +141,133 @@ def test_last_checkpoint_follows_every_epoch_even_when_the_monitor_stops_improvi
     trainer.fit(make("StandardTraining"), datamodule=mnist)
     assert torch.load(tmp_path / "last.ckpt", weights_only=True)["epoch"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch=0.ckpt", "last.ckpt"]
+
+
+def test_checkpoint_metadata_is_plain_and_in_the_format_readers_expect():
+    from robust_train.checkpoint import checkpoint_metadata
+
+    meta = checkpoint_metadata("PGDTraining", "small_cnn", None, DEFAULT_SPEC, 0.3, {"recipe": "pgd"})
+    assert meta == {"format": 1, "method": "PGDTraining", "arch": "small_cnn", "arch_kwargs": {},
+                    "data_spec": DEFAULT_SPEC, "eps": 0.3, "recipe": "pgd"}
+    assert list(meta) == ["format", "method", "arch", "arch_kwargs", "data_spec", "eps", "recipe"]
+    assert meta["data_spec"] is not DEFAULT_SPEC  # a copy: later edits of the spec do not reach saved files
+
+
+def test_a_written_classifier_reads_back_with_the_same_logits(tmp_path):
+    import robust_train
+    from robust_train.checkpoint import (checkpoint_metadata, classifier_from_checkpoint, read_checkpoint,
+                                         save_classifier)
+
+    module = make("StandardTraining", arch_kwargs={"widths": [4, 8, 16]})
+    meta = checkpoint_metadata("Probe", "small_cnn", {"widths": [4, 8, 16]}, DEFAULT_SPEC, 0.1, {"note": "x"})
+    save_classifier(module.model, meta, tmp_path / "probe.ckpt")
+    assert [p.name for p in tmp_path.iterdir()] == ["probe.ckpt"]  # no temporary file left behind
+    raw = torch.load(tmp_path / "probe.ckpt", weights_only=True)
+    assert raw["robust_train"] == meta and set(raw["state_dict"]) == {f"model.{k}" for k in module.model.state_dict()}
+    x = torch.rand(4, 1, 28, 28)
+    expected = module.model.eval()(x)
+    for model in (classifier_from_checkpoint(read_checkpoint(tmp_path / "probe.ckpt")),
+                  robust_train.load(tmp_path / "probe.ckpt")):
+        assert not model.training and torch.equal(model(x), expected)
+
+
+def test_the_modules_checkpoint_metadata_keeps_plain_run_info_only():
+    module = make("PGDTraining", steps=2)
+    module.run_info = {"recipe": "pgd", "run_dir": "/runs/pgd/1", "steps": 2, "callback": object()}
+    checkpoint: dict = {}
+    module.on_save_checkpoint(checkpoint)
+    assert checkpoint["robust_train"] == {"format": 1, "method": "PGDTraining", "arch": "small_cnn",
+                                          "arch_kwargs": {}, "data_spec": DEFAULT_SPEC, "eps": 0.3,
+                                          "recipe": "pgd", "run_dir": "/runs/pgd/1", "steps": 2}
+
+
+class _TinyData:
+    def __init__(self, n: int = 64):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.rand(n, 1, 28, 28, generator=g)
+        self.y = (self.x.mean((1, 2, 3)) > 0.5).long()  # a learnable rule: brightness
+
+    def train_dataloader(self):
+        from torch.utils.data import DataLoader, TensorDataset
+        return DataLoader(TensorDataset(self.x, self.y), batch_size=16, shuffle=True)
+
+
+class _AuxTrainer:
+    is_global_zero = True
+
+    def __init__(self):
+        self.datamodule = _TinyData()
+
+
+def attached(name: str = "StandardTraining", **kwargs) -> RobustModule:
+    module = make(name, lr=1e-2, **kwargs)
+    module._trainer = _AuxTrainer()
+    return module
+
+
+def test_train_auxiliary_lowers_the_loss_and_returns_an_eval_model():
+    from robust_train.methods.auxiliary import train_auxiliary
+
+    module = attached()
+    data = module.trainer.datamodule
+    torch.manual_seed(1)
+    fresh = train_auxiliary(module, "small_cnn", {"widths": [4, 8, 16]}, F.cross_entropy, 0, "probe")
+    torch.manual_seed(1)
+    trained = train_auxiliary(module, "small_cnn", {"widths": [4, 8, 16]}, F.cross_entropy, 5, "probe")
+    assert not trained.training and all(not m.training for m in trained.modules())
+    with torch.no_grad():
+        assert F.cross_entropy(trained(data.x), data.y) < 0.7 * F.cross_entropy(fresh(data.x), data.y)
+    assert not any(p is q for p in trained.parameters() for q in module.parameters())
+
+
+def test_train_auxiliary_stops_at_max_batches_and_names_its_progress_bars(monkeypatch):
+    import robust_train.methods.auxiliary as auxiliary
+
+    bars, losses = [], []
+    real_tqdm = auxiliary.tqdm
+    monkeypatch.setattr(auxiliary, "tqdm", lambda it, **kw: bars.append(kw["desc"]) or real_tqdm(it, **kw))
+
+    def loss_fn(logits, y):
+        losses.append(len(y))
+        return F.cross_entropy(logits, y)
+
+    auxiliary.train_auxiliary(attached(), "small_cnn", None, loss_fn, 2, "probe", max_batches=3)
+    assert bars == ["probe, epoch 1/2", "probe, epoch 2/2"] and losses == [16] * 6
+
+
+def test_train_auxiliary_draws_from_the_global_generator_deterministically():
+    from robust_train.methods.auxiliary import train_auxiliary
+
+    module, runs = attached(), []
+    for _ in range(2):
+        torch.manual_seed(5)
+        model = train_auxiliary(module, "small_cnn", None, F.cross_entropy, 1, "probe")
+        runs.append((model.state_dict(), torch.rand(3)))
+    (first, after_first), (second, after_second) = runs
+    assert all(torch.equal(first[k], second[k]) for k in first) and torch.equal(after_first, after_second)
+    torch.manual_seed(5)
+    assert not torch.equal(torch.rand(3), after_first)  # as documented: initialisation and shuffling drew from it
+
+
+def test_the_ensembles_static_training_is_seeded_per_index_and_leaves_the_run_stream_alone():
+    module = attached("EnsembleAdvTraining", static_epochs=1, static_max_batches=2)
+    torch.manual_seed(7)
+    first = module.train_static(0).state_dict()
+    after = torch.rand(3)
+    torch.manual_seed(8)
+    again = module.train_static(0).state_dict()
+    torch.manual_seed(7)
+    assert torch.equal(torch.rand(3), after)  # fork_rng: the run's stream as if no static model were trained
+    assert all(torch.equal(first[k], again[k]) for k in first)  # seed i, whatever the run's state
+    other = module.train_static(1).state_dict()
+    assert [v.shape for v in other.values()] != [v.shape for v in first.values()]
+
+
+def test_train_auxiliary_without_a_data_module_is_a_config_error():
+    from robust_train.errors import ConfigError
+    from robust_train.methods.auxiliary import train_auxiliary
+
+    module = attached()
+    module.trainer.datamodule = None
+    with pytest.raises(ConfigError, match="datamodule="):
+        train_auxiliary(module, "small_cnn", None, F.cross_entropy, 1, "probe")

@@ -41,7 +41,8 @@ def mass_on(maps: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
     return maps.flatten(1).gather(1, cells).sum(1)
 
 
-@register_attack("aai", summary="the attack against interpretability: pushes down the map's top-k cells (Boopathy et al.)")
+@register_attack("aai", summary="the attack against interpretability: pushes down the map's top-k cells "
+                               "(Boopathy et al.)")
 class AAI(Attack):
     """Pushes down the true-class map's mass on its clean top-k cells (see the module docstring for the formula).
 
@@ -49,8 +50,8 @@ class AAI(Attack):
         k: number of top cells attacked (default 8). steps: iterations (200). step_size: α (0.01).
         random_start: start uniformly in the ε-ball (True, as the authors). keep_label: add the hinge that keeps
             the predicted label (False: the authors' evaluation). label_weight: λ of that hinge (default 1.0 with
-            keep_label, and it must stay 0 without). map_fn: a map name (`robust_train.interpret.MAPS`) or `(model, x, classes) -> maps`; default the
-            true-class CAM.
+            keep_label, and it must stay 0 without). map_fn: a map name (`python -m robust_train maps`) or
+            `(model, x, classes) -> maps`; default the true-class CAM.
 
     Example: ``x_adv = AAI(eps=0.1)(model, x, y)``; then `map_stability(model, x, y, x_adv)`.
     """

@@ -22,7 +22,8 @@ from robust_train.errors import ConfigError
 EVALUATION = {"steps": 100, "step_size": EpsTimes(1.0), "step_schedule": "cosine"}
 
 
-@register_attack("pgd", summary="PGD-100 on cross-entropy, α = ε on a cosine, best iterate (evaluation)", **EVALUATION)
+@register_attack("pgd", summary="PGD-100 on cross-entropy, α = ε on a cosine, best iterate (evaluation)",
+                 **EVALUATION)
 class PGD(Attack):
     """x_{t+1} = Π_ε(x_t + α·step(∇ℓ(x_t))), x₀ uniform in the ε-ball (or x when random_start=False).
 

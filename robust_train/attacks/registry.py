@@ -43,7 +43,8 @@ class AttackPreset:
 
     def __call__(self, eps: float, *, steps: int | None = None, restarts: int | None = None, **overrides):
         kwargs = {k: (v(eps) if isinstance(v, EpsTimes) else v) for k, v in self.defaults.items()}
-        kwargs.update({k: v for k, v in (("steps", steps), ("restarts", restarts)) if v is not None and k in self.takes})
+        iterations = {"steps": steps, "restarts": restarts}
+        kwargs.update({k: v for k, v in iterations.items() if v is not None and k in self.takes})
         kwargs.update(overrides)
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
         try:

@@ -175,7 +175,8 @@ def zero_gradient_share(model: nn.Module, x: torch.Tensor, y: torch.Tensor, max_
     if share > max_share:
         return result("zero_gradients", False, f"{int(zero.sum())} of {len(zero)} examples ({share:.1%}; "
                       f"{share_correct:.1%} of the correctly classified) have an exactly zero cross-entropy gradient: "
-                      "a saturated softmax (or a non-differentiable step); use the margin loss (pgd_margin) or AutoAttack", **numbers)
+                      "a saturated softmax (or a non-differentiable step); use the margin loss (pgd_margin) or "
+                      "AutoAttack", **numbers)
     return result("zero_gradients", True, f"{share:.1%} of examples have a zero gradient", **numbers)
 
 

@@ -6,7 +6,6 @@ import os
 from typing import Sequence
 
 import torch
-from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from torch import nn
 

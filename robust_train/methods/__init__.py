@@ -14,4 +14,7 @@ from robust_train.methods.parseval import ParsevalTraining
 from robust_train.methods.ensemble_adv import EnsembleAdvTraining
 from robust_train.methods.protopnet import ProtoPNetTraining
 
-__all__ = ["METHODS", "RobustModule", "register_method", *METHODS.names()]
+__all__ = ["METHODS", "DistillationTraining", "EnsembleAdvTraining", "FGSMTraining", "FastFGSMTraining",
+           "Int2AdvTraining", "Int2Training", "IntAdvTraining", "IntOneClassTraining", "IntTraining", "PGDTraining",
+           "ParsevalTraining", "ProtoPNetTraining", "RobustModule", "StandardTraining", "TRADESTraining",
+           "register_method"]

@@ -3,8 +3,9 @@
     adversarial_batch(x, y, eps) -> x_adv or None     how it perturbs a training batch
     training_loss(x, y, x_adv)   -> (loss, logits)    what it minimises (logits feed the training accuracy)
 
-Everything else lives here once: the model from the registry, the ε warm-up, optimiser and schedule, metrics,
-and the checkpoint metadata that lets `robust_train.load` rebuild the classifier without unpickling code.
+Everything else lives here once: the model from the registry, the ε warm-up, the training attacks (built once
+with the module, `make_training_attack`), optimiser and schedule, metrics, and the checkpoint metadata that lets
+`robust_train.load` rebuild the classifier without unpickling code.
 Accuracy under attack at validation comes from the AttackAccuracy callback, so `validate`/`test` report it too.
 """
 from __future__ import annotations
@@ -18,9 +19,10 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from robust_train.attacks.base import check_eps
-from robust_train.attacks.pgd import PGD
+from robust_train.attacks.base import Attack, BNMode, check_eps
+from robust_train.checkpoint import checkpoint_metadata
 from robust_train.errors import ConfigError
+from robust_train.methods.training_attack import TrainingAttack
 from robust_train.models import create_model
 
 DEFAULT_SPEC = {"name": "mnist", "num_classes": 10, "in_channels": 1, "image_size": [28, 28],
@@ -91,11 +93,11 @@ class RobustModule(pl.LightningModule):
         logits = self.model(x if x_adv is None else x_adv)
         return F.cross_entropy(logits, y), logits
 
-    def pgd_examples(self, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int, step_size: float,
-                     random_start: bool = True) -> torch.Tensor:
-        """The last iterate of L∞ PGD on cross-entropy (Madry et al.'s training examples), in the attack BN mode."""
-        return PGD(eps, steps=steps, step_size=step_size, random_start=random_start, keep_best=False,
-                   bn_mode=self.hparams.attack_bn_mode)(self.model, x, y)
+    def make_training_attack(self, attack_cls: type[Attack], bn_mode: BNMode | None = None,
+                             **options) -> TrainingAttack:
+        """The attack a method crafts its batches with, built at the module's ε (bad options raise ConfigError
+        here); `bn_mode` defaults to `attack_bn_mode`. Options given as callables are functions of ε."""
+        return TrainingAttack(attack_cls, self.eps, bn_mode=bn_mode or self.hparams.attack_bn_mode, **options)
 
     # -- shared machinery ----------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -166,12 +168,6 @@ class RobustModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Everything `robust_train.load` needs, in plain types, so checkpoints load with weights_only=True.
         hp = self.hparams
-        checkpoint["robust_train"] = {
-            "format": 1,
-            "method": type(self).__name__,
-            "arch": hp.arch,
-            "arch_kwargs": dict(hp.arch_kwargs or {}),
-            "data_spec": dict(hp.data_spec or DEFAULT_SPEC),
-            "eps": float(self.eps),
-            **{k: v for k, v in self.run_info.items() if isinstance(v, (str, int, float))},
-        }
+        run_info = {k: v for k, v in self.run_info.items() if isinstance(v, (str, int, float))}
+        checkpoint["robust_train"] = checkpoint_metadata(type(self).__name__, hp.arch, hp.arch_kwargs,
+                                                         hp.data_spec or DEFAULT_SPEC, self.eps, run_info)

@@ -22,12 +22,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from robust_train.checkpoint import atomic_torch_save, classifier_from_checkpoint, read_checkpoint
+from robust_train.checkpoint import checkpoint_metadata, classifier_from_checkpoint, read_checkpoint, save_classifier
 from robust_train.errors import ConfigError
+from robust_train.methods.auxiliary import train_auxiliary
 from robust_train.methods.base import DEFAULT_SPEC, RobustModule
-from robust_train.models import create_model
 from robust_train.methods.registry import register_method
 
 
@@ -50,7 +49,9 @@ def file_sha256(path: Path) -> str:
 
 @register_method
 class DistillationTraining(RobustModule):
-    """Args: temperature (T, 100 as in Carlini's MNIST and CIFAR runs), teacher_path (reuse or write the teacher
+    """Defensive distillation at temperature T: teacher, then student, deployed at T = 1 (a masking example).
+
+    Args: temperature (T, 100 as in Carlini's MNIST and CIFAR runs), teacher_path (reuse or write the teacher
     here; default `<output>/<recipe>/teacher-<arch>-T<T>-<epochs>ep.ckpt`), teacher_epochs (default: the
     student's max_epochs)."""
 
@@ -88,35 +89,21 @@ class DistillationTraining(RobustModule):
         object.__setattr__(self, "teacher", teacher)
 
     def train_teacher(self, path: Path) -> torch.nn.Module:
-        spec = dict(self.hparams.data_spec or DEFAULT_SPEC)  # same architecture as the student, fresh weights
-        teacher = create_model(self.hparams.arch, num_classes=spec["num_classes"], in_channels=spec["in_channels"],
-                               mean=spec["mean"], std=spec["std"], **(self.hparams.arch_kwargs or {})).to(self.device)
-        optimizer = self.configure_optimizers()
-        optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
-        optimizer = type(optimizer)(teacher.parameters(), **optimizer.defaults)  # same settings, teacher's weights
-        loader = self.trainer.datamodule.train_dataloader()
-        epochs = self.teacher_epochs or self.trainer.max_epochs
-        teacher.train()
-        with torch.inference_mode(False), torch.enable_grad():
-            for epoch in range(epochs):
-                for x, y in tqdm(loader, desc=f"teacher at T={self.temperature:g}, epoch {epoch + 1}/{epochs}",
-                                 leave=False, disable=not self.trainer.is_global_zero):
-                    x, y = x.to(self.device), y.to(self.device)
-                    loss = F.cross_entropy(teacher(x) / self.temperature, y)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
+        """The student's architecture with fresh weights, trained on CE(z/T, y) and saved to `path` (by rank 0)."""
+        teacher = train_auxiliary(self, self.hparams.arch, self.hparams.arch_kwargs, self.teacher_loss,
+                                  self.teacher_epochs or self.trainer.max_epochs, f"teacher at T={self.temperature:g}")
         if self.trainer.is_global_zero:
             self.save_teacher(teacher, path)
         return teacher
 
+    def teacher_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits / self.temperature, y)
+
     def save_teacher(self, teacher: torch.nn.Module, path: Path) -> None:
         hp = self.hparams
-        ckpt = {"robust_train": {"format": 1, "method": "DistillationTeacher", "arch": hp.arch,
-                                 "arch_kwargs": dict(hp.arch_kwargs or {}), "data_spec": dict(hp.data_spec or DEFAULT_SPEC),
-                                 "eps": float(self.eps), "temperature": float(self.temperature)},
-                "state_dict": {f"model.{k}": v.detach().cpu() for k, v in teacher.state_dict().items()}}
-        atomic_torch_save(ckpt, path)
+        metadata = checkpoint_metadata("DistillationTeacher", hp.arch, hp.arch_kwargs, hp.data_spec or DEFAULT_SPEC,
+                                       self.eps, {"temperature": float(self.temperature)})
+        save_classifier(teacher, metadata, path)
 
     # -- the student ---------------------------------------------------------------------------------------------
     def training_loss(self, x, y, x_adv):

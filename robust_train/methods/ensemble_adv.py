@@ -32,14 +32,13 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from robust_train.attacks import FGSM, RandFGSM
-from robust_train.checkpoint import atomic_torch_save, classifier_from_checkpoint, read_checkpoint
+from robust_train.checkpoint import checkpoint_metadata, classifier_from_checkpoint, read_checkpoint, save_classifier
 from robust_train.errors import ConfigError
+from robust_train.methods.auxiliary import train_auxiliary
 from robust_train.methods.base import DEFAULT_SPEC, RobustModule
 from robust_train.methods.distillation import file_sha256
-from robust_train.models import create_model
 from robust_train.modes import model_mode
 from robust_train.methods.registry import register_method
 
@@ -90,6 +89,9 @@ class EnsembleAdvTraining(RobustModule):
         self.static_epochs, self.static_max_batches = static_epochs, static_max_batches
         self.static_dir = static_dir
         self.attack, self.rand_alpha = attack, float(rand_alpha)
+        attack_cls, options = (FGSM, {}) if attack == "fgsm" else (RandFGSM, {"alpha": self.alpha_at})
+        self.current_attack = self.make_training_attack(attack_cls, **options)
+        self.static_attack = self.make_training_attack(attack_cls, bn_mode="eval", **options)
         self.source_generator = torch.Generator().manual_seed(source_seed)
         self.last_source: int | None = None
         # Not submodules: never in state_dict, the optimiser or `.to()`; set up at the start of fit.
@@ -170,41 +172,20 @@ class EnsembleAdvTraining(RobustModule):
         """Plain cross-entropy training of static model i: the module's optimiser settings, the fit's training
         data, a fixed seed per index (under fork_rng, so the main run's random stream does not depend on whether
         the static models were trained or reused)."""
-        arch, spec = self.static_archs[i], self._spec()
-        datamodule = self.trainer.datamodule
-        if datamodule is None:
+        if self.trainer.datamodule is None:
             raise ConfigError("ensemble adversarial training trains its static models on the fit's data module: "
                               "pass datamodule= to trainer.fit, or name static_checkpoints")
-        optimizer = self.configure_optimizers()
-        optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
+        arch = self.static_archs[i]
         devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), torch.inference_mode(False), torch.enable_grad():
+        with torch.random.fork_rng(devices=devices):
             torch.manual_seed(i)
-            model = create_model(arch["arch"], num_classes=spec["num_classes"], in_channels=spec["in_channels"],
-                                 mean=spec["mean"], std=spec["std"], **arch["arch_kwargs"]).to(self.device)
-            opt = type(optimizer)(model.parameters(), **optimizer.defaults)  # same settings, the static's weights
-            model.train()
-            loader = datamodule.train_dataloader()
-            for epoch in range(self.static_epochs):
-                for b, (x, y) in enumerate(tqdm(loader, desc=f"static model {i} ({arch['arch']}), epoch "
-                                                f"{epoch + 1}/{self.static_epochs}", leave=False,
-                                                disable=not self.trainer.is_global_zero)):
-                    if self.static_max_batches is not None and b >= self.static_max_batches:
-                        break
-                    x, y = x.to(self.device), y.to(self.device)
-                    loss = F.cross_entropy(model(x), y)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-        return model.eval()
+            return train_auxiliary(self, arch["arch"], arch["arch_kwargs"], F.cross_entropy, self.static_epochs,
+                                   f"static model {i} ({arch['arch']})", self.static_max_batches)
 
     def _save_static(self, model: nn.Module, path: Path, record: dict) -> None:
-        spec = self._spec()
-        ckpt = {"robust_train": {"format": 1, "method": "EnsembleStaticModel", "arch": record["arch"],
-                                 "arch_kwargs": dict(record["arch_kwargs"]), "data_spec": spec, "eps": 0.0,
-                                 "static": record},
-                "state_dict": {f"model.{k}": v.detach().cpu() for k, v in model.state_dict().items()}}
-        atomic_torch_save(ckpt, path)
+        metadata = checkpoint_metadata("EnsembleStaticModel", record["arch"], record["arch_kwargs"], self._spec(),
+                                       0.0, {"static": record})
+        save_classifier(model, metadata, path)
 
     # -- training ------------------------------------------------------------------------------------------------
     def craft(self, source: int, x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -217,14 +198,14 @@ class EnsembleAdvTraining(RobustModule):
         bn_mode = self.hparams.attack_bn_mode if current else "eval"
         if eps == 0:
             return x.detach().clone()
-        if self.attack == "fgsm":
-            attack = FGSM(eps, bn_mode=bn_mode)
-        else:
-            attack = RandFGSM(eps, alpha=min(self.rand_alpha, eps), bn_mode=bn_mode)
         # The prediction in the attack's mode (model_mode restores modes and BatchNorm statistics afterwards).
         with model_mode(model, bn_mode, grad=False):
             y_hat = model(x).argmax(1)
-        return attack(model, x, y_hat)
+        return (self.current_attack if current else self.static_attack)(model, x, y_hat, eps)
+
+    def alpha_at(self, eps: float) -> float:
+        """RAND-FGSM's random step at ε: rand_alpha, capped at ε during an ε warm-up."""
+        return min(self.rand_alpha, eps)
 
     def adversarial_batch(self, x, y, eps):
         self.last_source = self.draw_source()  # drawn even at ε = 0, so the stream does not depend on the warm-up

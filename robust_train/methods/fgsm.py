@@ -13,10 +13,12 @@ class FGSMTraining(RobustModule):
     def __init__(self, step_ratio: float = 1.0, random_start: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.step_ratio, self.random_start = step_ratio, random_start
+        self.training_attack = self.make_training_attack(FGSM, step_size=self.step_at, random_start=random_start)
+
+    def step_at(self, eps: float) -> float | None:
+        """The FGSM step at ε: step_ratio·ε; None (FGSM's default) at ε = 0, where a zero step would be refused
+        though no batch is attacked there."""
+        return self.step_ratio * eps if eps > 0 else None
 
     def adversarial_batch(self, x, y, eps):
-        if eps == 0:
-            return x
-        attack = FGSM(eps, step_size=self.step_ratio * eps, random_start=self.random_start,
-                      bn_mode=self.hparams.attack_bn_mode)
-        return attack(self.model, x, y)
+        return self.training_attack(self.model, x, y, eps)

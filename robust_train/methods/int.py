@@ -18,6 +18,7 @@ from robust_train.interpret.cam import all_class_cams
 from robust_train.interpret.discrepancy import discrepancy_from_cams
 from robust_train.methods.base import RobustModule
 from robust_train.methods.registry import register_method
+from robust_train.methods.training_attack import TrainingAttack
 
 
 @register_method
@@ -31,16 +32,15 @@ class IntTraining(RobustModule):
         super().__init__(**kwargs)
         check_positive("lam", lam, allow_zero=True)  # the inner attack clamps λ to > 0: a negative λ would slip by
         self.lam, self.steps, self.step_size = lam, steps, step_size
-        self.inner_attack(self.eps)  # validates the arguments at construction time
+        self.training_attack = self.make_inner_attack()
 
-    def inner_attack(self, eps: float):
-        return DiscrepancyPGD(eps, steps=self.steps, step_size=self.step_size, lam=max(self.lam, 1e-12),
-                              at_adv=self.adv, one_class=self.one_class, bn_mode=self.hparams.attack_bn_mode)
+    def make_inner_attack(self) -> TrainingAttack:
+        """The inner maximisation, the one piece the Int2 variants replace: here PGD on λD̃ (+ CE at x' for -Adv)."""
+        return self.make_training_attack(DiscrepancyPGD, steps=self.steps, step_size=self.step_size,
+                                         lam=max(self.lam, 1e-12), at_adv=self.adv, one_class=self.one_class)
 
     def adversarial_batch(self, x, y, eps):
-        if eps == 0:
-            return x
-        return self.inner_attack(eps)(self.model, x, y)
+        return self.training_attack(self.model, x, y, eps)
 
     def training_loss(self, x, y, x_adv):
         if self.lam == 0:

@@ -10,15 +10,16 @@ from __future__ import annotations
 from robust_train.attacks import PGD
 from robust_train.methods.int import IntTraining
 from robust_train.methods.registry import register_method
+from robust_train.methods.training_attack import TrainingAttack
 
 
 @register_method
 class Int2Training(IntTraining):
     """Int2: CE-PGD examples, outer CE at x plus λ·D̃(x, x*)."""
 
-    def inner_attack(self, eps: float):
-        return PGD(eps, steps=self.steps, step_size=self.step_size, keep_best=False,
-                   bn_mode=self.hparams.attack_bn_mode)
+    def make_inner_attack(self) -> TrainingAttack:
+        """PGD on cross-entropy from a random start, last iterate."""
+        return self.make_training_attack(PGD, steps=self.steps, step_size=self.step_size, keep_best=False)
 
 
 @register_method

@@ -59,8 +59,10 @@ class ParsevalTraining(RobustModule):
             rank_zero_warn("ParsevalTraining with conv_scaling and Adam: Adam's step ignores the 1/sqrt(kernel size) "
                            "weight scale and can push conv singular values out of the retraction's basin; use "
                            "optimizer: sgd (as the Parseval reproductions do) or conv_scaling: false")
+        self.training_attack = None  # clean training
         if adversarial == "pgd":
-            PGD(self.eps, steps=steps, step_size=step_size)  # validates the arguments at construction time
+            self.training_attack = self.make_training_attack(PGD, steps=steps, step_size=step_size,
+                                                             random_start=random_start, keep_best=False)
         head = getattr(self.model, "head", None)
         self.parseval_layers: list[nn.Module] = [
             m for m in self.model.modules()
@@ -71,9 +73,9 @@ class ParsevalTraining(RobustModule):
             orthogonal_init_(layer, conv_scaling=conv_scaling)
 
     def adversarial_batch(self, x, y, eps):
-        if self.adversarial is None or eps == 0:
+        if self.training_attack is None or eps == 0:
             return None
-        return self.pgd_examples(x, y, eps, self.steps, self.step_size, self.random_start)
+        return self.training_attack(self.model, x, y, eps)
 
     # The retraction goes in an `optimizer_step` override rather than `on_train_batch_end`: Lightning calls this
     # once per real optimiser step, so with `accumulate_grad_batches > 1` the weights are retracted once per update

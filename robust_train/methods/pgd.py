@@ -14,9 +14,8 @@ class PGDTraining(RobustModule):
     def __init__(self, steps: int = 40, step_size: float = 0.01, random_start: bool = True, **kwargs):
         super().__init__(**kwargs)
         self.steps, self.step_size, self.random_start = steps, step_size, random_start
-        PGD(self.eps, steps=steps, step_size=step_size)  # validates the arguments at construction time
+        self.training_attack = self.make_training_attack(PGD, steps=steps, step_size=step_size,
+                                                         random_start=random_start, keep_best=False)
 
     def adversarial_batch(self, x, y, eps):
-        if eps == 0:
-            return x
-        return self.pgd_examples(x, y, eps, self.steps, self.step_size, self.random_start)
+        return self.training_attack(self.model, x, y, eps)

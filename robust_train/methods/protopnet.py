@@ -159,8 +159,11 @@ class ProtoPNetTraining(RobustModule):
         self.automatic_optimization = False
         self.adversarial = adversarial
         self.steps, self.step_size, self.random_start = steps, step_size, random_start
+        self.training_attack = None  # clean training
         if adversarial is not None:
-            self.inner_attack()  # validates the arguments at construction time
+            self.training_attack = self.make_training_attack(
+                PrototypePGD if adversarial == "pgd_prototype" else PGD, steps=steps, step_size=step_size,
+                random_start=random_start, keep_best=False)
         self.phase = "warm" if warm_epochs > 0 else "joint"
 
     # -- schedule ----------------------------------------------------------------------------------------------------
@@ -202,15 +205,9 @@ class ProtoPNetTraining(RobustModule):
 
     # -- losses ------------------------------------------------------------------------------------------------------
     def adversarial_batch(self, x, y, eps):
-        if self.adversarial is None or eps == 0:
+        if self.training_attack is None or eps == 0:
             return None
-        return self.inner_attack(eps)(self.model, x, y)
-
-    def inner_attack(self, eps: float | None = None) -> PGD:
-        """The training examples' attack: the last iterate of `steps` × `step_size`, in the attack BN mode."""
-        attack = PrototypePGD if self.adversarial == "pgd_prototype" else PGD
-        return attack(self.eps if eps is None else eps, steps=self.steps, step_size=self.step_size,
-                      random_start=self.random_start, keep_best=False, bn_mode=self.hparams.attack_bn_mode)
+        return self.training_attack(self.model, x, y, eps)
 
     def loss_terms(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """(total loss, logits, {ce, cluster, separation, l1}) on images x."""

@@ -10,18 +10,18 @@ from robust_train.methods.registry import register_method
 
 @register_method
 class TRADESTraining(RobustModule):
-    """β trades clean accuracy for robustness (β = 6 in the paper's CIFAR runs; larger β, more robust)."""
+    """TRADES: CE at x plus β·KL(f(x) ‖ f(x')), x' maximising the KL term.
+
+    β trades clean accuracy for robustness (β = 6 in the paper's CIFAR runs; larger β, more robust).
+    """
 
     def __init__(self, beta: float = 6.0, steps: int = 40, step_size: float = 0.01, **kwargs):
         super().__init__(**kwargs)
         self.beta, self.steps, self.step_size = beta, steps, step_size
-        TRADESKL(self.eps, steps=steps, step_size=step_size)  # validates the arguments at construction time
+        self.training_attack = self.make_training_attack(TRADESKL, steps=steps, step_size=step_size)
 
     def adversarial_batch(self, x, y, eps):
-        if eps == 0:
-            return x
-        return TRADESKL(eps, steps=self.steps, step_size=self.step_size,
-                        bn_mode=self.hparams.attack_bn_mode)(self.model, x, y)
+        return self.training_attack(self.model, x, y, eps)
 
     def training_loss(self, x, y, x_adv):
         logits = self.model(x)

@@ -6,7 +6,7 @@ step and the attack is rebuilt for each new ε. At ε = 0 no attack runs: the ba
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,5 +43,3 @@ class TrainingAttack:
             return x
         return self.at(eps)(model, x, y)
 
-
-EpsOption = Callable[[float], Any]  # an option's value as a function of the batch's ε
