@@ -28,9 +28,8 @@ Each model then starts from its weights and trains --head-epochs more, so all th
 
 Why not from scratch, as a first version of this script did: a random ProtoPNet's similarities log((d+1)/(d+1e-4))
 sit near 1/d with d ≈ 20 for every image, so its logits differ across images by ~0.08 and the cross-entropy reaches
-the backbone through a factor ~1/d² while the cluster cost pulls at full strength; measured, 8 epochs from scratch
-left it at 12% validation accuracy (chance 10%) where the GAP model had 48%. ProtoPNet's warm phase assumes a
-trained backbone.
+the backbone through a factor ~1/d² while the cluster cost pulls at full strength, and from scratch it stayed near
+chance where the GAP model learned. ProtoPNet's warm phase assumes a trained backbone.
 
 Training uses the Lightning Trainer on our methods in this process (logger and Lightning checkpointing off, clean
 validation on the data module's 500 held-out training images each epoch). The final weights go to
@@ -46,17 +45,17 @@ seed's column notation (ε in /255, iterations):
 * PGD (ε,10): 10 steps of α = 2.5·ε/10 from a uniform random start, last iterate (Madry et al.'s step rule,
   our `PGD` default α; keep_best off, so it is the textbook attack the seed's column names);
 * MIM (ε,10): 10 steps of α = ε/10 with momentum μ = 1 on the L1-normalised gradient (Dong et al., our default);
-* PGDm (8,100): margin-loss PGD, the `pgd_margin` preset of robust_train.attacks.suite (100 steps from a random
+* PGDm (8,100): margin-loss PGD, the attack registry's `pgd_margin` preset (100 steps from a random
   start, α = ε on a cosine schedule, each example's best iterate), at 8/255 (--margin-steps);
 * PGDp (2,100), (8,100), ProtoPNet only: the adaptive `pgd_prototype` (robust_train/attacks/pgd_prototype.py), the same
   100 cosine steps on the margin of head(−d), the logits ProtoPNet would give with a linear similarity. Its log
-  similarity saturates the losses on its real logits: CE and margin PGD left it 40% and 27% at 8/255 on 500
-  images, ε = 1 left 11%, this attack 0.8% (bench/RESULTS.md);
+  similarity saturates the losses on its real logits, so CE and margin PGD overstate its robustness (the numbers
+  are in bench/RESULTS.md);
 * worst (ε): per example, correct on the clean image and under every attack above at that ε (not the minimum of
   the column means).
 
 Gradient-masking checks: an iterative attack (BIM, PGD, MIM, PGDm) leaving more examples correct than FGSM at the
-same ε, beyond one example of n, is flagged; `robust_train.masking_checks.run_checks` runs at 8/255 on the first
+same ε, beyond one example of n, is flagged; `robust_train.evaluate.masking.run_checks` runs at 8/255 on the first
 --checks-n images (PGD at 10 vs 40 steps, ε = 1 breaks everything, random noise not stronger, zero gradients,
 monotone in ε, ...), with the FGSM and PGD columns reused for its FGSM-vs-PGD check.
 
@@ -76,24 +75,19 @@ import json
 import logging
 import math
 import os
-import platform
-import sys
 import time
 import warnings
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from robust_train.attacks import BIM, FGSM, MIM, PGD  # noqa: E402
-from robust_train.attacks.base import Attack  # noqa: E402
-from robust_train.attacks.pgd_prototype import is_prototype_model  # noqa: E402
-from robust_train.attacks.suite import build_attack  # noqa: E402
-from robust_train.checkpoint import atomic_write_text, classifier_from_checkpoint  # noqa: E402
-from robust_train.checkpoint import read_checkpoint  # noqa: E402
-from robust_train.masking_checks import correct_under, masking_suspected, run_checks, tolerance  # noqa: E402
+from common import ROOT, device_name, log, machine_info, write_result
+from robust_train.attacks import BIM, FGSM, MIM, PGD, create_attack
+from robust_train.attacks.base import Attack
+from robust_train.checkpoint import atomic_write_text, classifier_from_checkpoint, read_checkpoint
+from robust_train.evaluate.accuracy import correct_under, mean, worst_case
+from robust_train.evaluate.masking import iterative_not_weaker, masking_suspected, run_checks
+from robust_train.models.protopnet import is_prototype_model
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cifar10-subset" / "cifar10_subset.npz"
 DEFAULT_CKPT_DIR = ROOT / "bench" / "out" / "architectures"
@@ -120,10 +114,6 @@ PUBLISHED = {
 PUBLISHED_NAME = {"vgg16_bn": "VGG16", "attention_pool": "Attention Pooling", "protopnet": "ProtoPNet"}
 PUBLISHED_SETTING = {"data": "CUB-200, 12 classes", "train_images": 300, "test_images": 299,
                      "networks": "pretrained VGG16 / attention pooling / ProtoPNet"}
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def eps_tag(eps: float) -> str:
@@ -153,9 +143,9 @@ def build_attacks(eps_list=EPS, steps: int = STEPS, margin_eps=(MARGIN_EPS,),
                 attack = MIM(eps, steps=steps)                              # α = ε/steps, μ = 1
             attacks[column_key(name, eps)] = attack
     for eps in margin_eps:
-        attacks[column_key("pgd_margin", eps)] = build_attack("pgd_margin", eps, steps=margin_steps)
+        attacks[column_key("pgd_margin", eps)] = create_attack("pgd_margin", eps, steps=margin_steps)
     for eps in sorted({*eps_list, *margin_eps}) if prototypes else ():
-        attacks[column_key("pgd_prototype", eps)] = build_attack("pgd_prototype", eps, steps=margin_steps)
+        attacks[column_key("pgd_prototype", eps)] = create_attack("pgd_prototype", eps, steps=margin_steps)
     return attacks
 
 
@@ -175,51 +165,47 @@ def attack_table(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps_l
                  margin_eps=(MARGIN_EPS,), margin_steps: int = MARGIN_STEPS, batch_size: int = 256,
                  seed: int = 0, verbose: bool = False) -> dict:
     """Per-example correctness and accuracy of `model` on (x, y) clean and under every attack of `build_attacks`,
-    plus the per-example worst case at each ε (clean and every attack at that ε). Each attack's random start is
-    seeded with `seed`, so a column does not depend on which ran before.
+    plus the per-example worst case at each ε (clean and every attack at that ε). Every attack's batch b is seeded
+    from (seed, b), so a column does not depend on which ran before.
 
     Returns {"n", "accuracy": {key: float}, "correct": {key: bool tensor (n,)}, "seconds": {key: float},
-    "attacks": {key: describe()}, "iterative_weaker_than_fgsm": [one line per flag]}.
+    "worst_of": {ε tag: the attack keys in its worst case}, "attacks": {key: describe()},
+    "iterative_weaker_than_fgsm": [one line per flag]}.
     """
     attacks = build_attacks(eps_list, steps, margin_eps, margin_steps, prototypes=is_prototype_model(model))
     n_steps = {k: a.steps for k, a in attacks.items()}
     model.eval()
     correct, seconds = {}, {}
-    t0 = time.perf_counter()
-    correct["clean"] = correct_under(model, x, y, None, batch_size).cpu()
-    seconds["clean"] = time.perf_counter() - t0
-    for key, attack in attacks.items():
-        torch.manual_seed(seed)
+    for key, attack in {"clean": None, **attacks}.items():
         t0 = time.perf_counter()
-        correct[key] = correct_under(model, x, y, attack, batch_size).cpu()
+        correct[key] = correct_under(model, x, y, attack, batch_size, seed=(seed,)).cpu()
         seconds[key] = time.perf_counter() - t0
-        if verbose:
-            log(f"  {attack_label(key, n_steps):<14} {correct[key].float().mean().item():.4f} "
-                f"({seconds[key]:.1f} s)")
+        if verbose and attack is not None:
+            log(f"  {attack_label(key, n_steps):<14} {mean(correct[key]):.4f} ({seconds[key]:.1f} s)")
+    worst_of = {}
     for eps in sorted({*eps_list, *margin_eps}):
         tag = eps_tag(eps)
-        worst = correct["clean"].clone()
-        for key in attacks:
-            if key.rsplit("_", 1)[1] == tag:
-                worst &= correct[key]
-        correct[f"worst_{tag}"] = worst
-    n = len(y)
-    accuracy = {k: (v.float().mean().item() if n else float("nan")) for k, v in correct.items()}
+        worst_of[tag] = [k for k in attacks if k.rsplit("_", 1)[1] == tag]
+        correct[f"worst_{tag}"] = worst_case(correct["clean"], [correct[k] for k in worst_of[tag]])
+    accuracy = {k: mean(v) for k, v in correct.items()}
     flags = []
-    tol = tolerance(n)
     for key in attacks:
         name, tag = key.rsplit("_", 1)
         fgsm = f"fgsm_{tag}"
-        if name in ITERATIVE and fgsm in accuracy and accuracy[key] > accuracy[fgsm] + tol:
+        if name not in ITERATIVE or fgsm not in accuracy:
+            continue
+        check = iterative_not_weaker(accuracy[fgsm], accuracy[key], len(y))
+        if not check["passed"]:
             flags.append(f"{attack_label(key, n_steps)} {accuracy[key]:.4f} > {attack_label(fgsm, n_steps)} "
-                         f"{accuracy[fgsm]:.4f} (+{accuracy[key] - accuracy[fgsm]:.4f}, tolerance {tol:.4f}): "
-                         "an iterative attack weaker than one step suggests gradient masking")
-    return {"n": n, "accuracy": accuracy, "correct": correct, "seconds": seconds,
+                         f"{accuracy[fgsm]:.4f} (+{accuracy[key] - accuracy[fgsm]:.4f}, tolerance "
+                         f"{check['tolerance']:.4f}): an iterative attack weaker than one step suggests gradient "
+                         "masking")
+    return {"n": len(y), "accuracy": accuracy, "correct": correct, "seconds": seconds, "worst_of": worst_of,
             "attacks": {k: a.describe() for k, a in attacks.items()}, "iterative_weaker_than_fgsm": flags}
 
 
 def masking_rows(model, x, y, table: dict, checks_n: int, batch_size: int, seed: int) -> list[dict]:
-    """robust_train.masking_checks.run_checks at 8/255 on the first checks_n images, reusing the table."""
+    """robust_train.evaluate.masking.run_checks at 8/255 on the first checks_n images, reusing the table."""
     eps = max(EPS)
     tag = eps_tag(eps)
     m = min(checks_n, len(y))
@@ -368,21 +354,6 @@ def train(stage: str, config: tuple[str, dict, int], args, dm, backbone: dict | 
 
 
 # ---------------------------------------------------------------------------------------------------------- report
-def device_name(device: str) -> str:
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"cpu ({torch.get_num_threads()} threads)"
-
-
-def machine_info(device: str) -> dict:
-    import lightning
-
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "python": platform.python_version(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "lightning": lightning.__version__, "torch_threads": torch.get_num_threads(), "device": device,
-            "device_name": device_name(device)}
-
-
 def columns(eps_list=EPS, margin_eps=(MARGIN_EPS,)) -> list[str]:
     keys = ["clean"] + [column_key(a, e) for a in ATTACKS for e in eps_list]
     keys += [column_key("pgd_margin", e) for e in margin_eps]
@@ -456,7 +427,8 @@ def main(argv=None):
     p.add_argument("--ckpt-dir", default=str(DEFAULT_CKPT_DIR), help="final checkpoints: <dir>/<model>/final.ckpt")
     p.add_argument("--retrain", action="store_true", help="train even if a checkpoint with these settings exists")
     p.add_argument("--margin-steps", type=int, default=MARGIN_STEPS, help="steps of the margin-loss PGD at 8/255")
-    p.add_argument("--checks-n", type=int, default=256, help="images for robust_train.masking_checks (0: skip)")
+    p.add_argument("--checks-n", type=int, default=256,
+                   help="images for robust_train.evaluate.masking's checks (0: skip)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--progress", action="store_true", help="Lightning progress bars")
     p.add_argument("--out", default=str(ROOT / "bench" / "out" / "architectures.json"))
@@ -502,7 +474,7 @@ def main(argv=None):
 
     def save():
         result["orderings"] = orderings(result["models"])
-        atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
+        write_result(args.out, result, announce=False)
 
     t_all = time.time()
     backbone_ckpt, backbone_record = train("backbone", backbone_config(args.epochs), args, dm)
@@ -517,6 +489,7 @@ def main(argv=None):
         table = attack_table(model, x, y, margin_steps=args.margin_steps, batch_size=args.eval_batch_size,
                              seed=args.seed, verbose=True)
         row = {"checkpoint": str(ckpt), "training": record, "n": table["n"], "accuracy": table["accuracy"],
+               "worst_of": table["worst_of"],
                "seconds_per_attack": {k: round(v, 2) for k, v in table["seconds"].items()},
                "seconds_eval": round(time.time() - t0, 1),
                "iterative_weaker_than_fgsm": table["iterative_weaker_than_fgsm"]}

@@ -22,23 +22,18 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import importlib
-import json
 import os
-import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from robust_train.attacks import PGD  # noqa: E402
-from robust_train.errors import ConfigError  # noqa: E402
-from robust_train.models import create_model  # noqa: E402
+import common
+from common import ROOT, write_result
+from robust_train.attacks import PGD
+from robust_train.errors import ConfigError
+from robust_train.models import create_model
 
 GOAL_EFFICIENCY = 0.95
 
@@ -191,13 +186,9 @@ def profile_breakdown(methods, sync, top=12):
     return {"extra_self_cpu_ms": extra}
 
 
-def machine_info(device):
-    info = {
-        "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(), "device": device,
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-    }
+def machine_info(device: str) -> dict:
+    """common.machine_info, plus what bears on this comparison: torchattacks' version and the load on the machine."""
+    info = {**common.machine_info(device), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     try:
         import torchattacks
         info["torchattacks"] = torchattacks.__version__
@@ -206,7 +197,7 @@ def machine_info(device):
     if hasattr(os, "getloadavg"):
         info["loadavg_start"] = list(os.getloadavg())
     if device.startswith("cuda"):
-        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu"] = info["device_name"]
     return info
 
 
@@ -278,14 +269,12 @@ def main(argv=None):
         info["loadavg_end"] = list(os.getloadavg())
     print_table(rows, info)
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     result = {"machine": info, "goal": {"efficiency_min": GOAL_EFFICIENCY, "faster_than_torchattacks": True},
               "repeats": repeats, "warmup_rounds": warmup, "results": rows,
               "goal_met_train": all(r["efficiency_train"] >= GOAL_EFFICIENCY and r["speedup_train"] > 1
                                     for r in rows)}
-    out.write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {out}")
+    print()
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

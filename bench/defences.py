@@ -17,14 +17,11 @@ What the table should show, and the script checks:
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mnist_pgd import train, write_result  # noqa: E402  (bench scripts are not a package)
-
-from robust_train.evaluate import evaluate  # noqa: E402
+from common import train_recipe, write_result
+from robust_train.evaluate import evaluate
 
 TARGETS = ("standard", "distillation", "ensemble_adv", "pgd")
 ATTACKS = ["fgsm", "pgd", "pgd_margin", "autoattack"]
@@ -95,9 +92,9 @@ def main(argv=None):
     for name in TARGETS:
         if name not in ckpts:
             t0 = time.time()
-            ckpts[name] = str(train(name, runs, []))
+            ckpts[name] = str(train_recipe(name, runs, []))
             trained[name] = round((time.time() - t0) / 60, 1)
-    source = args.source_ckpt or str(train("standard", runs, ["--seed_everything", str(SOURCE_SEED)]))
+    source = args.source_ckpt or str(train_recipe("standard", runs, ["--seed_everything", str(SOURCE_SEED)]))
 
     rows, seconds = {}, {}
     for name in TARGETS:

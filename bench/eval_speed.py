@@ -13,43 +13,24 @@ iterate) against ours (each example's strongest iterate, early stopping), time a
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from mnist_pgd import write_result  # noqa: E402
-from robust_train.attacks import PGD  # noqa: E402
-from robust_train.attacks.suite import DEFAULT_SUITE, build_attack  # noqa: E402
-from robust_train.checkpoint import classifier_from_checkpoint, read_checkpoint  # noqa: E402
-from robust_train.evaluate import build_datamodule, parse_eps  # noqa: E402
+from common import ROOT, write_result
+from robust_train.attacks import PGD, create_attack
+from robust_train.checkpoint import classifier_from_checkpoint, read_checkpoint
+from robust_train.evaluate import DEFAULT_SUITE, correct_under, datamodule_from_checkpoint, parse_eps
 
 STEPS = 100
 
 
-def correct_under(model, attack, x, y, batch_size: int, seed: int) -> tuple[torch.Tensor, float]:
-    """(per-example correct after the attack, seconds), batches seeded as evaluate seeds them."""
-    correct = torch.zeros(len(x), dtype=torch.bool)
+def timed_correct(model, attack, x, y, batch_size: int, seed: int) -> tuple[torch.Tensor, float]:
+    """(per-example correct after the attack, seconds). Batch b is seeded from (seed, b), so two arms given the same
+    seed start from the same random points."""
     t0 = time.perf_counter()
-    for b, start in enumerate(range(0, len(x), batch_size)):
-        rows = slice(start, start + batch_size)
-        torch.manual_seed(seed + b)
-        x_adv = attack(model, x[rows], y[rows])
-        with torch.no_grad():
-            correct[rows] = model(x_adv).argmax(1) == y[rows]
+    correct = correct_under(model, x, y, attack, batch_size, seed=(seed,))
     return correct, time.perf_counter() - t0
-
-
-def with_early_stop(attack, on: bool):
-    """The same attack with early stopping on or off (MultiTargetedPGD runs a PGD inside)."""
-    inner = getattr(attack, "pgd", attack)
-    inner.early_stop = on
-    return attack
 
 
 def bench_checkpoint(name: str, path: str, eps_grid, n: int, batch_size: int) -> list[dict]:
@@ -57,15 +38,15 @@ def bench_checkpoint(name: str, path: str, eps_grid, n: int, batch_size: int) ->
 
     ckpt = read_checkpoint(path)
     model = classifier_from_checkpoint(ckpt).eval()
-    x, y = build_datamodule(ckpt, None).test_tensors(n)
+    x, y = datamodule_from_checkpoint(ckpt, None).test_tensors(n)
     grid = eps_grid or ckpt["robust_train"]["data_spec"].get("eps_grid")
     rows = []
     for eps in [e for e in grid if e > 0]:
         for attack_name in DEFAULT_SUITE:
             timing = {}
             for on in (False, True):
-                attack = with_early_stop(build_attack(attack_name, eps), on)
-                timing[on] = correct_under(model, attack, x, y, batch_size, seed=1)
+                attack = create_attack(attack_name, eps, early_stop=on)
+                timing[on] = timed_correct(model, attack, x, y, batch_size, seed=1)
             (c_off, t_off), (c_on, t_on) = timing[False], timing[True]
             rows.append({"model": name, "eps": eps, "attack": attack_name, "seconds_all": t_off,
                          "seconds_early_stop": t_on, "accuracy_all": c_off.float().mean().item(),
@@ -74,8 +55,8 @@ def bench_checkpoint(name: str, path: str, eps_grid, n: int, batch_size: int) ->
             print(_row_line(rows[-1]), flush=True)
         alpha = 2.5 * eps / STEPS
         ta = torchattacks.PGD(model, eps=eps, alpha=alpha, steps=STEPS, random_start=True)
-        c_ta, t_ta = correct_under(model, lambda m, xb, yb: ta(xb, yb), x, y, batch_size, seed=2)
-        c_ours, t_ours = correct_under(model, PGD(eps, steps=STEPS, step_size=alpha), x, y, batch_size, seed=2)
+        c_ta, t_ta = timed_correct(model, lambda m, xb, yb: ta(xb, yb), x, y, batch_size, seed=2)
+        c_ours, t_ours = timed_correct(model, PGD(eps, steps=STEPS, step_size=alpha), x, y, batch_size, seed=2)
         rows.append({"model": name, "eps": eps, "attack": "pgd100_constant", "seconds_torchattacks": t_ta,
                      "seconds_ours": t_ours, "accuracy_torchattacks": c_ta.float().mean().item(),
                      "accuracy_ours": c_ours.float().mean().item()})

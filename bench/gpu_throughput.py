@@ -20,12 +20,9 @@ finite (one device sync per step) and updates a training-accuracy metric; the pl
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import platform
 import time
 import warnings
-from pathlib import Path
 
 import lightning
 import lightning.pytorch as pl
@@ -33,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from common import device_name, write_result
 from robust_train.data.base import TensorImageDataset, collate
 from robust_train.methods import FastFGSMTraining, PGDTraining
 from robust_train.models import create_model
@@ -137,12 +135,6 @@ def ours_run(method: str, variant: dict, loader, args, device: torch.device) -> 
     return timer.seconds
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -199,13 +191,11 @@ def main():
               f"{r['ratio']:.3f} |")
     result = {"benchmark": "gpu_throughput", "arch": args.arch, "batch_size": args.batch_size, "steps": args.steps,
               "warmup": args.warmup, "eps": EPS, "pgd_steps": PGD_STEPS, "pgd_step_size": ALPHA,
-              "fgsm_step": FGSM_RATIO * EPS, "device": device_name(device), "machine": platform.platform(),
-              "torch": torch.__version__, "lightning": lightning.__version__,
-              "cuda": torch.version.cuda if device.type == "cuda" else None,
-              "pin_memory": device.type == "cuda", "date": time.strftime("%Y-%m-%d %H:%M"), "results": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+              "fgsm_step": FGSM_RATIO * EPS, "device": device_name(device), "lightning": lightning.__version__,
+              "cuda": torch.version.cuda if device.type == "cuda" else None, "pin_memory": device.type == "cuda",
+              "results": rows}  # write_result adds the machine, torch and the date
+    print()
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -10,38 +10,11 @@ there on 60k images for 100 epochs); the default suite within 1.5 points of Auto
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import torch
-
-from robust_train.attacks.suite import DEFAULT_SUITE
-from robust_train.evaluate import evaluate
-
-
-def train(recipe: str, out: Path, extra: list[str]) -> Path:
-    env = {**os.environ, "ROBUST_TRAIN_OUTPUT": str(out), "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
-    start = time.time()
-    subprocess.run([sys.executable, "-m", "robust_train", "fit", "--recipe", recipe,
-                    "--trainer.enable_progress_bar", "false", *extra], check=True, env=env)
-    # run folders only: a recipe may keep other files there (distillation's teacher, ensemble_adv's static models)
-    runs = sorted((p for p in (out / recipe).iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
-    print(f"trained {recipe} in {(time.time() - start) / 60:.1f} min -> {runs[-1]}")
-    return runs[-1] / "last.ckpt"
-
-
-def write_result(out: str | Path, result: dict) -> None:
-    """Stamp the benchmark's JSON with the machine, torch and the date, and write it to `out`."""
-    result = {**result, "machine": platform.platform(), "threads": torch.get_num_threads(),
-              "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M")}
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+from common import train_recipe, write_result
+from robust_train.evaluate import DEFAULT_SUITE, evaluate
 
 
 def main():
@@ -54,8 +27,8 @@ def main():
     ap.add_argument("--out", default="bench/out/mnist_pgd.json")
     args = ap.parse_args()
 
-    ckpts = {"standard": args.standard_ckpt or train("standard", Path(args.runs), []),
-             "pgd": args.pgd_ckpt or train("pgd", Path(args.runs), [])}
+    ckpts = {"standard": args.standard_ckpt or train_recipe("standard", Path(args.runs), []),
+             "pgd": args.pgd_ckpt or train_recipe("pgd", Path(args.runs), [])}
     rows = {}
     for name, ckpt in ckpts.items():
         start = time.time()

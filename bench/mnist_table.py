@@ -28,21 +28,19 @@ goals are not comparable.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import platform
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from common import device_name, log, train_recipe, write_result
 from robust_train.attacks.aai import AAI
-from robust_train.checkpoint import atomic_write_text, classifier_from_checkpoint, read_checkpoint
-from robust_train.evaluate import build_datamodule, evaluate
+from robust_train.checkpoint import classifier_from_checkpoint, read_checkpoint
+from robust_train.evaluate import datamodule_from_checkpoint, evaluate
 from robust_train.interpret.stability import aggregate_stability, stability_per_image
 
 # (row name in the paper, recipe in recipes/)
@@ -81,10 +79,6 @@ def key(eps: float) -> str:
     return f"{eps:g}"
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
 def row_name(text: str) -> str:
     """'Int2-Adv', 'int2-adv' or 'int2_adv' -> 'Int2-Adv'."""
     t = text.strip().lower()
@@ -104,29 +98,13 @@ def find_in_dir(d: Path, recipe: str) -> Path | None:
     return runs[-1] if runs else None
 
 
-def train(recipe: str, out: Path, extra: list[str]) -> Path:
-    """Train `recipe` with the CLI in a subprocess; returns the new run's last.ckpt."""
-    env = {**os.environ, "ROBUST_TRAIN_OUTPUT": str(out), "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
-    start = time.time()
-    log(f"training {recipe} with the CLI -> {out / recipe}/ "
-        + (f"(recipe schedule with {' '.join(extra)})" if extra else "(the recipe's full schedule)"))
-    subprocess.run([sys.executable, "-m", "robust_train", "fit", "--recipe", recipe,
-                    "--trainer.enable_progress_bar", "false", *extra], check=True, env=env)
-    runs = [p for p in (out / recipe).glob("*/last.ckpt") if p.stat().st_mtime >= start - 1]
-    if not runs:
-        raise RuntimeError(f"training {recipe} finished but wrote no last.ckpt under {out / recipe}")
-    ckpt = max(runs, key=lambda p: p.stat().st_mtime)
-    log(f"trained {recipe} in {(time.time() - start) / 60:.1f} min -> {ckpt}")
-    return ckpt
-
-
 def aai_stability(ckpt_path: str, eps_list: list[float], n: int, steps: int, batch_size: int, device: str,
                   seed: int, data_root: str | None) -> dict:
     """Per ε: mean Kendall τ-b and top-k intersection of the true-class CAM between clean and AAI images, over the
     images whose label did not change. The images are the ones `evaluate` uses (first n of the test set)."""
     ckpt = read_checkpoint(ckpt_path)
     model = classifier_from_checkpoint(ckpt).to(device)
-    x, y = build_datamodule(ckpt, data_root).test_tensors(n)
+    x, y = datamodule_from_checkpoint(ckpt, data_root).test_tensors(n)
     x, y = x.to(device), y.to(device)
     out = {}
     for eps in eps_list:
@@ -235,12 +213,6 @@ def verdict(v) -> str:
     return "NOT EVALUATED" if v is None else ("MET" if v else "NOT MET")
 
 
-def device_name(device: str) -> str:
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"cpu ({torch.get_num_threads()} threads)"
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ckpt-dir", action="append", default=[],
@@ -301,13 +273,12 @@ def main():
                            "batch_size": args.batch_size, "aai_batch_size": args.aai_batch_size,
                            "paper_settings": paper_settings, "test_images": "first n of the official test set"},
               "paper_table1": PAPER_TABLE1, "paper_table3": PAPER_TABLE3, "rows": {}, "skipped": {},
-              "machine": platform.platform(), "device": str(device), "device_name": device_name(device),
-              "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
-              "date": time.strftime("%Y-%m-%d %H:%M"), "complete": False}
+              "device": str(device), "device_name": device_name(device), "python": platform.python_version(),
+              "complete": False}  # write_result adds the machine, threads, torch and the date at the first save
 
     def save():
         result["goals"], result["ordering_tau_int2adv_vs_adv"] = judge(result["rows"])
-        atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
+        write_result(args.out, result, announce=False)
 
     t_all = time.time()
     for name in selected:
@@ -320,7 +291,7 @@ def main():
                 log(f"{name}: skipped (no checkpoint for recipe {recipe}, --no-train)")
                 continue
             try:
-                ckpt, trained = train(recipe, Path(args.runs), args.train_args.split()), True
+                ckpt, trained = train_recipe(recipe, Path(args.runs), args.train_args.split()), True
             except (subprocess.CalledProcessError, RuntimeError) as e:
                 result["skipped"][name] = f"training failed: {e}"
                 log(f"{name}: skipped, training failed ({e})")

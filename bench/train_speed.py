@@ -6,16 +6,14 @@ same math (same model, data order, optimiser, PGD), in the same run. Goal: overh
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 
+from common import write_result
 from robust_train.data import MNISTData
 from robust_train.methods import PGDTraining
 
@@ -92,11 +90,8 @@ def main():
     print(f"\nframework overhead: {100 * overhead:+.1f}%  ->  {'MET' if overhead < 0.05 else 'NOT MET'}")
     result = {"benchmark": "train_speed", "steps": args.steps, "batches": batches, "batch_size": args.batch_size,
               "plain_seconds": plain, "robust_train_seconds": ours, "overhead": overhead,
-              "goal_met": overhead < 0.05, "machine": platform.platform(), "cpus": torch.get_num_threads(),
-              "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M")}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+              "goal_met": overhead < 0.05, "cpus": torch.get_num_threads()}
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

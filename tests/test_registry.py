@@ -76,6 +76,11 @@ def test_preset_overrides_and_iteration_options():
     assert create_attack("pgd_margin", 0.1, steps=7).steps == 7
     assert create_attack("fgsm", 0.1, steps=7, restarts=3).steps == 1  # no steps to override: ignored
     assert create_attack("pgd", 0.0).step_size == 0  # α = ε at ε = 0 falls back to the class's default
+    # options a class passes on to its base through **kwargs are overridable too
+    assert create_attack("pgd_prototype", 0.1, steps=7, restarts=2).describe()["steps"] == 7
+    assert create_attack("pgd_prototype", 0.1, restarts=2).restarts == 2
+    assert create_attack("pgd_targeted", 0.1, early_stop=False).pgd.early_stop is False
+    assert create_attack("pgd_targeted", 0.1, restarts=4).pgd.restarts == 1  # no restarts of its own: ignored
     with pytest.raises(ConfigError, match="attack 'fgsm'"):
         create_attack("fgsm", 0.1, momentum=0.9)  # other options must exist
 

@@ -38,8 +38,7 @@ class AttackPreset:
     def __init__(self, cls: type, summary: str | None, defaults: dict):
         self.cls, self.defaults = cls, defaults
         self.summary = summary or (cls.__doc__ or "").strip().splitlines()[0]
-        params = inspect.signature(cls.__init__).parameters
-        self.takes = {p for p in ITERATION_OPTIONS if p in params}
+        self.takes = set(ITERATION_OPTIONS) & accepted_options(cls)
 
     def __call__(self, eps: float, *, steps: int | None = None, restarts: int | None = None, **overrides):
         kwargs = {k: (v(eps) if isinstance(v, EpsTimes) else v) for k, v in self.defaults.items()}
@@ -51,6 +50,20 @@ class AttackPreset:
             return self.cls(eps, **kwargs)
         except TypeError as e:
             raise ConfigError(f"attack {self.cls.name!r}: {e}") from None
+
+
+def accepted_options(cls: type) -> set[str]:
+    """The keyword arguments the class's constructor takes, including those it passes on to its bases through
+    **kwargs (PrototypePGD takes PGD's steps that way)."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        params = inspect.signature(klass.__init__).parameters.values()
+        names |= {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return names
 
 
 def register_attack(name: str, cls: type | None = None, *, summary: str | None = None,
