@@ -124,3 +124,21 @@ def test_load_returns_a_plain_eval_module_that_matches_the_checkpoint(trained_ru
     x = torch.rand(4, 1, 28, 28)
     logits = model(x)
     assert logits.shape == (4, 10)
+
+
+def test_the_cli_overrides_only_public_lightning_hooks():
+    """A private LightningCLI method overridden here could change or vanish in any Lightning release."""
+    import ast
+    import inspect
+
+    from lightning.pytorch.cli import LightningCLI
+
+    import robust_train.cli as cli
+
+    (robust_cli,) = [node for node in ast.walk(ast.parse(inspect.getsource(cli))) if isinstance(node, ast.ClassDef)
+                     and node.name == "RobustCLI"]
+    methods = [node.name for node in robust_cli.body if isinstance(node, ast.FunctionDef)]
+    assert methods, "RobustCLI defines its hooks as methods"
+    private = [name for name in methods if name.startswith("_") and hasattr(LightningCLI, name)]
+    assert private == []
+    assert all(hasattr(LightningCLI, name) for name in methods if not name.startswith("_"))
