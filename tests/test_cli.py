@@ -142,3 +142,12 @@ def test_the_cli_overrides_only_public_lightning_hooks():
     private = [name for name in methods if name.startswith("_") and hasattr(LightningCLI, name)]
     assert private == []
     assert all(hasattr(LightningCLI, name) for name in methods if not name.startswith("_"))
+
+
+def test_evaluate_refuses_bad_options_before_importing_lightning():
+    """Lightning takes seconds to import: a mistake in evaluate's options is reported before it is needed."""
+    code = ("import sys; from robust_train.cli import main\n"
+            "assert main(['evaluate', '--ckpt', 'x.ckpt', '--n', '0']) == 2\n"
+            "assert not [m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')]")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

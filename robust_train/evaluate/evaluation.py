@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from robust_train.checkpoint import classifier_from_checkpoint, read_checkpoint
-from robust_train.data import DATA
 from robust_train.distributed import Split
 from robust_train.errors import ConfigError
 from robust_train.evaluate.accuracy import predictions
@@ -33,6 +32,8 @@ def main_eps(info: dict, grid: Sequence[float]) -> float:
 
 def datamodule_from_checkpoint(ckpt: dict, data_root: str | None = None):
     """The data module a checkpoint was trained with (its saved class and options), `root` replaced by data_root."""
+    from robust_train.data import DATA  # Lightning: seconds to import, so not before a bad option has been refused
+
     saved = dict(ckpt.get("datamodule_hyper_parameters") or {})
     by_class = {DATA.get(name).__name__: DATA.get(name) for name in DATA.names()}
     class_name = str(saved.get("_class_path", "")).rsplit(".", 1)[-1]
