@@ -1,6 +1,13 @@
 """Fixtures shared by the test files."""
+import os
+
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers share two cores: one thread each, in-process and in the subprocesses the tests start.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 def quiet_trainer(root, **kwargs):
