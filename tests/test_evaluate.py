@@ -102,6 +102,7 @@ def test_report_has_map_stability_rows_and_pictures(robustish_checkpoint, tmp_pa
     md = (out / "report.md").read_text()
     assert "](gallery.png)" in md and "](transition.png)" in md and "Interpretation-map stability" in md
     assert "Interpretation-map stability" in printed and "| aai | cam |" in printed
+    assert "](gallery.png)" not in printed and "gallery.png" in printed  # named as written, not linked
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
 
 

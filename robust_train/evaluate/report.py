@@ -20,9 +20,9 @@ def json_safe(obj):
     return None if isinstance(obj, float) and not math.isfinite(obj) else obj
 
 
-def section_texts(report: dict) -> list[tuple[str | None, str]]:
-    """(title, text) of every section that has something to say, in order."""
-    return [(s.title, text) for s in sections_in_order() if (text := s.text(report))]
+def section_texts(report: dict, console: bool = False) -> list[tuple[str | None, str]]:
+    """(title, text) of every section that has something to say, in order (on the console: those shown there)."""
+    return [(s.title, text) for s in sections_in_order() if (s.on_console or not console) and (text := s.text(report))]
 
 
 def format_markdown(report: dict) -> str:
@@ -40,7 +40,7 @@ def format_markdown(report: dict) -> str:
 
 def format_console(report: dict) -> str:
     text = f"\n{report['recipe']}: clean accuracy {report['clean_accuracy']:.4f} on {report['n_examples']} images\n"
-    for title, body in section_texts(report):
+    for title, body in section_texts(report, console=True):
         text += f"\n{title}\n\n{body}\n" if title else f"\n{body}\n"
     for note in report.get("notes") or []:
         text += f"\nnote: {note}\n"

@@ -14,6 +14,7 @@ register_section = SECTIONS.register
 class Section:
     order = 0
     title: str | None = None  # its heading in report.md and on the console; None: no heading of its own
+    on_console = True  # also printed at the end of `evaluate` (False: report.md only, e.g. picture links)
     fields: dict = {}  # report.json fields it owns, with their values when it does not run
 
     def prepare(self, ev: Evaluation) -> None:

@@ -47,6 +47,7 @@ def gallery_attack(suite: list[str]) -> str:
 class Pictures(Section):
     order = 50
     title = "Pictures"
+    on_console = False  # links to PNGs mean nothing in a terminal; the files are named in the last line
     fields = {"pictures": [], "picture_settings": {}}
 
     def run(self, ev: Evaluation) -> dict:
