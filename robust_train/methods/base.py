@@ -1,7 +1,9 @@
 """The LightningModule every training method shares. A method is a small subclass that says two things:
 
-    adversarial_batch(x, y, eps) -> x_adv or None     how it perturbs a training batch
-    training_loss(x, y, x_adv)   -> (loss, logits)    what it minimises (logits feed the training accuracy)
+    self.training_attack = self.make_training_attack(Attack, **options)   how it perturbs a training batch
+    training_loss(x, y, x_adv) -> (loss, logits)    what it minimises (logits feed the training accuracy)
+
+(`adversarial_batch(x, y, eps)` runs the training attack; a method that perturbs otherwise overrides it.)
 
 Everything else lives here once: the model from the registry, the ε warm-up, the training attacks (built once
 with the module, `make_training_attack`), optimiser and schedule, metrics, and the checkpoint metadata that lets
@@ -77,6 +79,7 @@ class RobustModule(pl.LightningModule):
         if compile:
             self.model.compile()  # in place and lazy: no `_orig_mod.` in the state_dict keys, nothing compiled yet
         self.eps = eps
+        self.training_attack: TrainingAttack | None = None  # set by methods that train on adversarial batches
         self.run_info: dict = {}  # filled by the CLI (recipe name, run folder) and stored in checkpoints
         n = spec["num_classes"]
         self.train_acc = MulticlassAccuracy(n, average="micro")
@@ -87,7 +90,8 @@ class RobustModule(pl.LightningModule):
 
     # -- what a method overrides -------------------------------------------------------------------------------
     def adversarial_batch(self, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor | None:
-        return None
+        """x' from the method's `training_attack` (x itself at ε = 0); None, clean training, when it has none."""
+        return None if self.training_attack is None else self.training_attack(self.model, x, y, eps)
 
     def training_loss(self, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor | None):
         logits = self.model(x if x_adv is None else x_adv)

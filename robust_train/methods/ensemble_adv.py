@@ -34,13 +34,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from robust_train.attacks import FGSM, RandFGSM
-from robust_train.checkpoint import checkpoint_metadata, classifier_from_checkpoint, read_checkpoint, save_classifier
+from robust_train.checkpoint import (checkpoint_metadata, classifier_from_checkpoint, read_checkpoint,
+                                     save_classifier)
 from robust_train.errors import ConfigError
 from robust_train.methods.auxiliary import train_auxiliary
 from robust_train.methods.base import DEFAULT_SPEC, RobustModule
 from robust_train.methods.distillation import file_sha256
-from robust_train.modes import model_mode
 from robust_train.methods.registry import register_method
+from robust_train.modes import model_mode
 
 # Two different small MNIST architectures, cheap enough to train on a CPU in a minute or two each.
 DEFAULT_STATIC_ARCHS = [{"arch": "small_cnn", "arch_kwargs": {"widths": [8, 16, 50]}},

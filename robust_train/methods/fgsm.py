@@ -19,6 +19,3 @@ class FGSMTraining(RobustModule):
         """The FGSM step at ε: step_ratio·ε; None (FGSM's default) at ε = 0, where a zero step would be refused
         though no batch is attacked there."""
         return self.step_ratio * eps if eps > 0 else None
-
-    def adversarial_batch(self, x, y, eps):
-        return self.training_attack(self.model, x, y, eps)

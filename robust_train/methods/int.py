@@ -39,9 +39,6 @@ class IntTraining(RobustModule):
         return self.make_training_attack(DiscrepancyPGD, steps=self.steps, step_size=self.step_size,
                                          lam=max(self.lam, 1e-12), at_adv=self.adv, one_class=self.one_class)
 
-    def adversarial_batch(self, x, y, eps):
-        return self.training_attack(self.model, x, y, eps)
-
     def training_loss(self, x, y, x_adv):
         if self.lam == 0:
             logits = self.model(x_adv if self.adv else x)

@@ -73,9 +73,7 @@ class ParsevalTraining(RobustModule):
             orthogonal_init_(layer, conv_scaling=conv_scaling)
 
     def adversarial_batch(self, x, y, eps):
-        if self.training_attack is None or eps == 0:
-            return None
-        return self.training_attack(self.model, x, y, eps)
+        return None if eps == 0 else super().adversarial_batch(x, y, eps)  # ε = 0: the clean batch itself
 
     # The retraction goes in an `optimizer_step` override rather than `on_train_batch_end`: Lightning calls this
     # once per real optimiser step, so with `accumulate_grad_batches > 1` the weights are retracted once per update

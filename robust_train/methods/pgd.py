@@ -16,6 +16,3 @@ class PGDTraining(RobustModule):
         self.steps, self.step_size, self.random_start = steps, step_size, random_start
         self.training_attack = self.make_training_attack(PGD, steps=steps, step_size=step_size,
                                                          random_start=random_start, keep_best=False)
-
-    def adversarial_batch(self, x, y, eps):
-        return self.training_attack(self.model, x, y, eps)

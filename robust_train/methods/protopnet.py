@@ -66,8 +66,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from robust_train.attacks import PGD, PrototypePGD
 from robust_train.errors import ConfigError
 from robust_train.methods.base import RobustModule
-from robust_train.models.protopnet import is_prototype_model
 from robust_train.methods.registry import register_method
+from robust_train.models.protopnet import is_prototype_model
 
 PHASES = ("warm", "joint", "last")
 BASE_DEFAULTS = {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "lr_schedule": "constant",
@@ -205,9 +205,7 @@ class ProtoPNetTraining(RobustModule):
 
     # -- losses ------------------------------------------------------------------------------------------------------
     def adversarial_batch(self, x, y, eps):
-        if self.training_attack is None or eps == 0:
-            return None
-        return self.training_attack(self.model, x, y, eps)
+        return None if eps == 0 else super().adversarial_batch(x, y, eps)  # ε = 0: the clean batch itself
 
     def loss_terms(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """(total loss, logits, {ce, cluster, separation, l1}) on images x."""

@@ -20,9 +20,6 @@ class TRADESTraining(RobustModule):
         self.beta, self.steps, self.step_size = beta, steps, step_size
         self.training_attack = self.make_training_attack(TRADESKL, steps=steps, step_size=step_size)
 
-    def adversarial_batch(self, x, y, eps):
-        return self.training_attack(self.model, x, y, eps)
-
     def training_loss(self, x, y, x_adv):
         logits = self.model(x)
         logits_adv = self.model(x_adv)
