@@ -56,6 +56,8 @@ class AAI(Attack):
     Example: ``x_adv = AAI(eps=0.1)(model, x, y)``; then `map_stability(model, x, y, x_adv)`.
     """
 
+    per_example_eps_ok = True  # ε only reaches perturb through elementwise ops (see Attack.per_example_eps)
+
     def __init__(self, eps: float, *, k: int = 8, steps: int = 200, step_size: float = 0.01,
                  random_start: bool = True, keep_label: bool = False, label_weight: float | None = None,
                  map_fn: str | MapFn = "cam", norm: str = "linf", bn_mode: str = "eval"):

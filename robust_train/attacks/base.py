@@ -15,6 +15,7 @@ elementwise or per example, layout-agnostic).
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Literal
 
@@ -179,7 +180,7 @@ class Attack:
                                "Trainer(inference_mode=False) or call the attack outside torch.inference_mode()")
         x = x.detach()
         x = upcast(x)  # the threat set in float32: bf16 steps are 1/256 near 1
-        if self.eps == 0:
+        if not torch.is_tensor(self.eps) and self.eps == 0:
             return x.clone()
         with model_mode(model, self.bn_mode, grad=True):
             x_adv = self.perturb(model, x, y, target if self.targeted else None)
@@ -188,6 +189,26 @@ class Attack:
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                 target: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
+
+    def per_example_eps(self, eps: torch.Tensor) -> "Attack":
+        """A copy of this L∞ attack with one ε per example (`eps`, shape (N,)) and its step size scaled by ε / self.eps:
+        every example gets the attack this one runs at self.eps, shrunk to its own ε, in one batched call (the
+        explorer computes an image's whole ε grid this way). Only attacks whose perturb uses ε through `Projector`,
+        `project`, `random_start` and `steepest_step` (elementwise, so a (N, 1, 1, 1) ε broadcasts) declare
+        `per_example_eps_ok`; early stopping, which drops rows of the batch, is turned off."""
+        if not getattr(self, "per_example_eps_ok", False) or self.norm != "linf":
+            raise ConfigError(f"{self.name} cannot run one ε per example: use an L∞ FGSM, PGD or AAI attack")
+        if self.eps <= 0:
+            raise ConfigError("per_example_eps scales the attack built at ε > 0: build it at the largest ε")
+        eps = torch.as_tensor(eps, dtype=torch.float32).reshape(-1)
+        if not torch.isfinite(eps).all() or (eps < 0).any() or (eps > 1).any():
+            raise ConfigError("per-example ε must be finite and in [0, 1] (images live in [0, 1])")
+        scaled = copy.copy(self)
+        scaled.eps = eps.reshape(-1, 1, 1, 1)
+        scaled.step_size = self.step_size * scaled.eps / self.eps
+        if hasattr(scaled, "early_stop"):
+            scaled.early_stop = False
+        return scaled
 
     def describe(self) -> dict:
         """What a report needs to say which attack produced a number."""

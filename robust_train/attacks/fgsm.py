@@ -13,6 +13,8 @@ class FGSM(Attack):
     Example: ``x_adv = FGSM(eps=0.3)(model, x, y)``
     """
 
+    per_example_eps_ok = True  # ε only reaches perturb through elementwise ops (see Attack.per_example_eps)
+
     def __init__(self, eps: float, *, step_size: float | None = None, random_start: bool = False, **kwargs):
         super().__init__(eps, **kwargs)
         self.step_size = self.eps if step_size is None else check_positive("step_size", step_size)

@@ -43,6 +43,8 @@ class PGD(Attack):
     Example: ``x_adv = PGD(eps=0.3, steps=40, step_size=0.01)(model, x, y)``
     """
 
+    per_example_eps_ok = True  # ε only reaches perturb through elementwise ops (see Attack.per_example_eps)
+
     def __init__(self, eps: float, *, steps: int = 10, step_size: float | None = None, random_start: bool = True,
                  restarts: int = 1, keep_best: bool = True, early_stop: bool = True,
                  step_schedule: Literal["constant", "cosine"] = "constant", **kwargs):
