@@ -49,3 +49,48 @@ def robustish_checkpoint(tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     return path
+
+
+SMALL_WIDTHS = (8, 16, 32)  # a narrow small_cnn: trains in seconds on one thread
+
+
+def _train_small_cnn(seed: int, steps: int):
+    """A small CNN trained on 3,000 bundled MNIST images for `steps` Adam steps, without Lightning's Trainer."""
+    from robust_train.data import MNISTData
+    from robust_train.models import create_model
+
+    dm = MNISTData(val_size=100)
+    dm.prepare_data()
+    dm.setup("fit")
+    x, y = dm.train_set.__getitems__(range(3000))
+    torch.manual_seed(seed)
+    model = create_model("small_cnn", num_classes=10, in_channels=1, mean=dm.mean, std=dm.std, widths=SMALL_WIDTHS)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for step in range(steps):
+        rows = torch.randint(0, len(y), (32,))
+        loss = torch.nn.functional.cross_entropy(model(x[rows]), y[rows])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval(), dm.spec
+
+
+@pytest.fixture(scope="session")
+def explore_checkpoints(tmp_path_factory):
+    """(A, B): two small MNIST CNNs written as bare classifier checkpoints, for the explorer's tests."""
+    from robust_train.checkpoint import checkpoint_metadata, save_classifier
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        folder = tmp_path_factory.mktemp("explore")
+        paths = []
+        for name, seed, steps in (("a.ckpt", 0, 200), ("b.ckpt", 1, 100)):
+            model, spec = _train_small_cnn(seed, steps)
+            path = folder / name
+            save_classifier(model, checkpoint_metadata("standard", "small_cnn", {"widths": list(SMALL_WIDTHS)}, spec, 0.0),
+                            path)
+            paths.append(path)
+    finally:
+        torch.set_num_threads(threads)
+    return tuple(paths)
