@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from robust_train.cli import main as cli_main
-from robust_train.explore.images import MAX_UPLOAD_BYTES, decode_upload, UploadError
+from robust_train.explore.images import MAX_UPLOAD_BYTES, UploadError, decode_upload
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 POINTS = 9
@@ -85,7 +85,6 @@ def test_fgsm_grid_is_the_slider(client, explorer):
     assert a["map"]["adversarial"][0] != a["map"]["adversarial"][-1]
     assert min(t for t in a["map"]["tau"] if t is not None) < 0.9
     # What the page shows is the grid: the PNG of x' is x' itself (to 1/255).
-    x, _ = explorer.image("t0")
     _, _, held = explorer.adversarial("t0", explorer.choice("fgsm"))
     shown = decode_uri(g["adversarial"][-1]).astype(np.float32) / 255
     assert np.abs(shown - held.x_adv[-1, 0].cpu().numpy()).max() <= 1 / 255 + 1e-6

@@ -52,14 +52,14 @@ class AdversarialGrid:
 
 def supported_maps(model: nn.Module, x: torch.Tensor) -> list[str]:
     """The maps this model can make (CAM needs a GAP head, prototype maps a ProtoPNet, ...), tried on one image."""
-    found = []
-    for name in MAP_PREFERENCE:
+    def works(name: str) -> bool:
         try:
             class_map(model, name, x[:1], torch.zeros(1, dtype=torch.long, device=x.device))
         except Exception:  # noqa: BLE001  (every map refuses an unfit model in its own way)
-            continue
-        found.append(name)
-    return found
+            return False
+        return True
+
+    return [name for name in MAP_PREFERENCE if works(name)]
 
 
 def class_map(model: nn.Module, name: str, x: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:

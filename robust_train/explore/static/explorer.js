@@ -64,7 +64,6 @@ async function loadGallery() {
 function pickImage(id) {
   state.image = id;
   for (const t of document.querySelectorAll(".thumb")) t.classList.toggle("selected", t.dataset.id === id);
-  $("map-class").value = "";
   loadGrid();
 }
 
@@ -99,12 +98,10 @@ async function loadGrid() {
     const grid = await api(`/api/grid?${params}`);
     if (ticket !== state.request) return; // a newer choice was made meanwhile
     state.grid = grid;
-    if ($("map-class").value === "") $("map-class").value = String(grid.map_class);
     $("eps-slider").max = String(grid.eps.length - 1);
     state.index = Math.min(Number($("eps-slider").value), grid.eps.length - 1);
     showMessage("");
     render();
-    drawChart();
     schedulePathways();
   } catch (e) {
     if (ticket === state.request) showMessage(e.message);
@@ -157,7 +154,7 @@ function render() {
     $("tau-b").textContent = b.map ? fmt(b.map.tau[i]) : "–";
   }
   applyOpacity();
-  drawChartMarker();
+  drawChart();
 }
 
 function applyOpacity() {
@@ -168,7 +165,7 @@ function applyOpacity() {
 // ----- charts (plain SVG) -----
 function lineChart(svg, xs, series, { width, height, yMax = 1, yMin = 0, marker = null }) {
   svg.replaceChildren();
-  const pad = { l: 30, r: 8, t: 8, b: 22 };
+  const pad = { l: 30, r: 22, t: 8, b: 22 };
   const xMax = Math.max(...xs) || 1;
   const X = (v) => pad.l + (v / xMax) * (width - pad.l - pad.r);
   const Y = (v) => height - pad.b - ((v - yMin) / (yMax - yMin)) * (height - pad.t - pad.b);
@@ -180,6 +177,7 @@ function lineChart(svg, xs, series, { width, height, yMax = 1, yMin = 0, marker 
   for (const v of [0, xMax / 2, xMax]) {
     el("text", { x: X(v) - 8, y: height - 6, class: "tick" }, svg).textContent = String(+v.toFixed(3));
   }
+  el("text", { x: width - 12, y: height - 6, class: "tick" }, svg).textContent = "ε";
   for (const s of series) {
     const points = xs.map((x, k) => [x, s.values[k]]).filter(([, v]) => v !== null && v !== undefined);
     if (!points.length) continue;
@@ -204,13 +202,6 @@ function drawChart() {
   if (a.map) series.push({ values: a.map.tau, colour: "#7f3fbf", cls: "tau" });
   if (g.models.b) series.push({ values: g.models.b.p_original, colour: "#888", dash: "4 3", cls: "p-original-b" });
   lineChart($("chart"), g.eps, series, { width: 360, height: 180, yMin: Math.min(0, ...(a.map ? a.map.tau.filter((t) => t !== null) : [0])), marker: g.eps[state.index] });
-}
-
-function drawChartMarker() {
-  const svg = $("chart");
-  const g = state.grid;
-  if (!g || !svg.querySelector(".marker")) return;
-  drawChart();
 }
 
 // ----- Bluff's view -----
@@ -323,6 +314,7 @@ async function start() {
   $("model-line").textContent = `A: ${info.model.path} (${info.model.method}, ${info.model.arch})` +
     (info.compare ? ` · B: ${info.compare.path}` : "") + ` · images: ${info.images}`;
   for (const a of info.attacks) option($("attack"), a.name, a.label);
+  option($("map-class"), "", "the original");
   info.classes.forEach((c, k) => {
     option($("filter-class"), String(k), c);
     option($("target"), String(k), c);
