@@ -13,7 +13,8 @@ from robust_train.attacks.trades_kl import TRADESKL
 from robust_train.attacks.aai import AAI
 from robust_train.attacks.pgd_discrepancy import DiscrepancyPGD
 from robust_train.attacks.autoattack import AutoAttack
+from robust_train.attacks.deepfool import DeepFool, DeepFoolResult, deepfool
 
-__all__ = ["AAI", "ATTACKS", "Attack", "AutoAttack", "BIM", "DiscrepancyPGD", "FGSM", "MIM", "MultiTargetedPGD",
-           "PGD", "PrototypePGD", "RandFGSM", "TRADESKL", "attack_loss", "create_attack", "project",
-           "register_attack"]
+__all__ = ["AAI", "ATTACKS", "Attack", "AutoAttack", "BIM", "DeepFool", "DeepFoolResult", "DiscrepancyPGD", "FGSM",
+           "MIM", "MultiTargetedPGD", "PGD", "PrototypePGD", "RandFGSM", "TRADESKL", "attack_loss", "create_attack",
+           "deepfool", "project", "register_attack"]
