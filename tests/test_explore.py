@@ -217,6 +217,20 @@ def test_cli_refuses_bad_input_in_one_line(explore_checkpoints, capsys, args, me
     assert len(err.splitlines()) == 1 and message in err
 
 
+def test_compare_must_take_the_same_inputs(explore_checkpoints, tmp_path, capsys):
+    from robust_train.checkpoint import checkpoint_metadata, save_classifier
+    from robust_train.models import create_model
+
+    spec = {"name": "cifar10", "num_classes": 10, "in_channels": 3, "image_size": [32, 32], "mean": [0.5] * 3,
+            "std": [0.25] * 3, "eps_grid": [0.0, 8 / 255], "class_names": None}
+    other = tmp_path / "cifar.ckpt"
+    save_classifier(create_model("small_cnn", in_channels=3, num_classes=10),
+                    checkpoint_metadata("standard", "small_cnn", {}, spec, 8 / 255), other)
+    assert cli_main(["explore", "--ckpt", str(explore_checkpoints[0]), "--compare", str(other)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "takes other inputs" in err and "in_channels" in err
+
+
 def test_cli_without_the_extra_says_how_to_install(explore_checkpoints, capsys, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "flask", None)
     monkeypatch.delitem(__import__("sys").modules, "robust_train.explore.server", raising=False)
@@ -235,3 +249,22 @@ def test_corrupt_checkpoint_refused(tmp_path, capsys):
 def test_json_has_no_nan(client):
     text = client.get("/api/grid?image=t0&attack=fgsm&map=grad_cam").data.decode()
     json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+
+
+def test_image_folder_maps_folder_names_to_classes(tmp_path, explorer):
+    from robust_train.errors import ConfigError
+    from robust_train.explore.gallery import folder_images
+
+    for name, value in (("3", 60), ("7", 200)):
+        (tmp_path / name).mkdir()
+        for i in range(2):
+            Image.new("RGB", (40, 30), (value, value, value)).save(tmp_path / name / f"{i}.png")
+    gallery = folder_images(str(tmp_path), 10, explorer.spec)
+    assert gallery.x.shape == (4, 1, 28, 28) and gallery.y.tolist() == [3, 3, 7, 7]
+    assert gallery.x[0].max().item() == pytest.approx(60 / 255, abs=1 / 255)  # RGB made grayscale, resized
+    (tmp_path / "cat").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "cat" / "0.png")
+    with pytest.raises(ConfigError, match="3 class folders and the model 10 classes"):
+        folder_images(str(tmp_path), 10, explorer.spec)
+    with pytest.raises(ConfigError, match="not a folder"):
+        folder_images(str(tmp_path / "missing"), 10, explorer.spec)

@@ -65,6 +65,9 @@ def main(argv: list[str]) -> int:
         raise ConfigError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}): pick another --port, "
                           "or 0 for a free one") from None
     host = f"[{args.host}]" if ":" in args.host else args.host
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"explore: serving on {args.host}, beyond this machine: anyone who can reach it can use the page "
+              "(and make this machine compute)", file=sys.stderr)
     print(f"robust_train explore: http://{host}:{server.server_port}/  (Ctrl-C stops it)", flush=True)
     try:
         server.serve_forever()
