@@ -85,7 +85,7 @@ def request_time(model, points: int, repeats: int, folder: Path) -> dict:
     for page_name in ATTACKS:
         query = f"/api/grid?image=t0&attack={page_name}&map=cam&steps=20&target=9"
 
-        def fetch():
+        def fetch(query=query):
             explorer.grids.clear()  # a fresh pick each time: the attack runs again
             response = client.get(query)
             assert response.status_code == 200, response.json
