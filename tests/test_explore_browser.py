@@ -101,6 +101,8 @@ def test_explorer_page_end_to_end(server, browser, tmp_path):
     before_scores, before_map = scores(page), page.locator("#map-adv").get_attribute("src")
     page.locator("#eps-slider").fill("10")
     assert page.locator("#eps-label").inner_text().startswith("ε = 0.400")
+    wait_until(page, "document.querySelector('#bluff-caption').innerText.startsWith('ε = 0.400')")
+    assert "stale" not in (page.locator("#graph").get_attribute("class") or "")
     assert scores(page) != before_scores
     assert page.locator("#map-adv").get_attribute("src") != before_map
     assert float(page.locator("#tau").inner_text()) < 1
@@ -178,11 +180,19 @@ def test_filters_and_good_upload(server, browser, tmp_path):
     from PIL import Image
 
     digit = tmp_path / "digit.png"
-    Image.new("L", (56, 56), 0).save(digit)
+    bar = Image.new("L", (56, 56), 0)
+    bar.paste(255, (24, 4, 32, 52))  # a vertical stroke: a 1
+    bar.save(digit)
+    before = page.locator("#img-clean").get_attribute("src")
     page.locator("#upload").set_input_files(str(digit))
-    wait_until(page, "document.querySelector('#img-clean').src.length > 100 && "
-                           "document.querySelector('#busy').hidden")
+    wait_until(page, f"document.querySelector('#img-clean').src !== {before!r} && "
+                     "document.querySelector('#busy').hidden")
     assert page.locator("#message").is_hidden()
+    assert page.locator(".thumb.selected").count() == 0  # the upload, not a test image, is shown
     assert len(scores(page)) == 5
+    page.locator("#eps-slider").fill("10")
+    assert page.locator("#eps-label").inner_text().startswith("ε = 0.400")
+    wait_until(page, "document.querySelector('#bluff-caption').innerText.startsWith('ε = 0.400')")
+    assert "stale" not in (page.locator("#graph").get_attribute("class") or "")
     shoot(page, tmp_path, "5-upload")
     page.close()

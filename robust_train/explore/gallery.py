@@ -88,12 +88,14 @@ def measure(gallery: Gallery, model: nn.Module, eps_grid: list[float], device, b
     if progress:
         from tqdm import tqdm
         grid = tqdm(grid, desc="explore: PGD-10 over the ε grid", leave=False)
-    for eps in grid:
-        left = broken.isnan().nonzero().squeeze(1)
-        for rows in left.split(batch_size):
-            attack = create_attack("pgd", eps, steps=10)
-            x_adv = attack(model, x[rows.to(device)], y[rows.to(device)])
-            wrong = (predictions(model, x_adv, batch_size) != y[rows.to(device)]).cpu()
-            broken[rows[wrong]] = eps
+    with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
+        torch.manual_seed(0)  # the same checkpoint always shows the same "broken at small ε" images
+        for eps in grid:
+            left = broken.isnan().nonzero().squeeze(1)
+            for rows in left.split(batch_size):
+                attack = create_attack("pgd", eps, steps=10)
+                x_adv = attack(model, x[rows.to(device)], y[rows.to(device)])
+                wrong = (predictions(model, x_adv, batch_size) != y[rows.to(device)]).cpu()
+                broken[rows[wrong]] = eps
     gallery.broken_eps = broken
     return gallery

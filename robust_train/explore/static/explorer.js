@@ -207,6 +207,8 @@ function drawChart() {
 // ----- Bluff's view -----
 function schedulePathways() {
   clearTimeout(state.pathwaysTimer);
+  $("graph").classList.add("stale"); // dimmed until the graph of the current image and ε arrives
+  $("bluff-caption").textContent = "updating…";
   state.pathwaysTimer = setTimeout(loadPathways, 200);
 }
 
@@ -219,8 +221,9 @@ async function loadPathways() {
   const ticket = state.request;
   try {
     const graph = await api(`/api/pathways?${params}`);
-    if (ticket !== state.request) return;
+    if (ticket !== state.request || Number(params.get("eps_index")) !== state.index) return;
     drawGraph(graph);
+    $("graph").classList.remove("stale");
     if (state.channel) loadChannel(state.channel.layer, state.channel.channel);
   } catch (e) {
     showMessage(e.message);
