@@ -149,6 +149,18 @@ BAD_OPTIONS = {
     "unknown map": (["--map", "no_such_map"], "unknown interpretation map"),
     "topk 0": (["--topk", "0"], "--topk 0 must be a positive integer"),
     "topk above the map size": (["--topk", "50"], "larger than the 49 cells"),
+    "unknown probe": (["--probes", "blur"], "unknown probe 'blur'"),
+    "probes names none": (["--probes", ","], "names no probe"),
+    "saturation level 0": (["--probes", "--saturation-levels", "0"], "saturation level 0.0 is out of range"),
+    "saturation level not a number": (["--saturation-levels", "lots"], "--saturation-levels 'lots'"),
+    "shuffle level 1": (["--shuffle-levels", "1"], "patch_shuffle level 1.0 is out of range"),
+    "shuffle level 1.5": (["--shuffle-levels", "2,1.5"], "patch_shuffle level 1.5 is out of range"),
+    "universal on 5 images": (["--universal", "--universal-n", "5"], "at least 10 training images"),
+    "universal eps out of range": (["--universal", "--universal-eps", "2"], "out of range"),
+    "universal eps not a number": (["--universal-eps", "big"], "--universal-eps 'big'"),
+    "universal norm unknown": (["--universal-norm", "l1"], "--universal-norm 'l1'"),
+    "type1 missing": (["--type1", "/no/such.ckpt"], "--type1: checkpoint"),
+    "type1 not an svae": (["--type1", "{ckpt}"], "not an svae"),
 }
 
 
@@ -156,7 +168,7 @@ BAD_OPTIONS = {
 def test_bad_options_give_one_line_and_exit_code_2(robustish_checkpoint, tmp_path, capsys, case):
     flags, expected = BAD_OPTIONS[case]
     (tmp_path / "file").write_text("not a folder")
-    flags = [f.replace("{file}", str(tmp_path / "file")) for f in flags]
+    flags = [f.replace("{file}", str(tmp_path / "file")).replace("{ckpt}", str(robustish_checkpoint)) for f in flags]
     rc = cli_main(["evaluate", "--ckpt", str(robustish_checkpoint), "--n", "8", "--eps", "0,0.1", "--attacks", "fgsm",
                    "--out", str(tmp_path / "r"), *flags])
     captured = capsys.readouterr()

@@ -13,8 +13,10 @@ from robust_train.attacks.trades_kl import TRADESKL
 from robust_train.attacks.aai import AAI
 from robust_train.attacks.pgd_discrepancy import DiscrepancyPGD
 from robust_train.attacks.autoattack import AutoAttack
-from robust_train.attacks.deepfool import DeepFool, DeepFoolResult, deepfool
+from robust_train.attacks.minimal import MinimalResult, is_minimal
+from robust_train.attacks.deepfool import DeepFool, deepfool
 
-__all__ = ["AAI", "ATTACKS", "Attack", "AutoAttack", "BIM", "DeepFool", "DeepFoolResult", "DiscrepancyPGD", "FGSM",
+__all__ = ["AAI", "ATTACKS", "Attack", "AutoAttack", "BIM", "DeepFool", "DiscrepancyPGD", "FGSM",
            "MIM", "MultiTargetedPGD", "PGD", "PrototypePGD", "RandFGSM", "TRADESKL", "attack_loss", "create_attack",
-           "deepfool", "project", "register_attack"]
+           "deepfool", "is_minimal", "MinimalResult", "project",
+           "register_attack"]

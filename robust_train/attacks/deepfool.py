@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from robust_train.attacks.base import Attack, Norm, _expand, _per_example, project, upcast
+from robust_train.attacks.minimal import MinimalResult
 from robust_train.attacks.registry import register_attack
 from robust_train.errors import ConfigError
 from robust_train.modes import model_mode
@@ -43,14 +43,6 @@ _TINY = 1e-12
 # overshoot relative to the step, which shrinks with it, never makes it cross: without this term many MNIST digits
 # creep up to the boundary for all 50 steps and stay correct (torchattacks, which has no such term, fails on them).
 NUDGE = 1e-4
-
-
-class DeepFoolResult(NamedTuple):
-    """x_adv in [0, 1]; norms: per-example ‖x_adv − x‖ (L2 or L∞, as asked); success: model(x_adv).argmax ≠ y."""
-
-    x_adv: torch.Tensor
-    norms: torch.Tensor
-    success: torch.Tensor
 
 
 def check_deepfool_options(norm: str, overshoot: float, steps: int, candidates: int) -> None:
@@ -73,7 +65,7 @@ def _check_grad_possible() -> None:
 
 
 def deepfool(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: Norm = "l2", overshoot: float = 0.02,
-             steps: int = 50, candidates: int = 10) -> DeepFoolResult:
+             steps: int = 50, candidates: int = 10) -> MinimalResult:
     """DeepFool on a batch, usable without Lightning: the minimal perturbation (no ε bound) that makes the model's
     prediction differ from y.
 
@@ -92,7 +84,7 @@ def deepfool(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: Norm =
         return _deepfool(model, x, y, norm, overshoot, steps, candidates, compact=True)
 
 
-def _deepfool(model, x, y, norm, overshoot, steps, candidates, compact: bool) -> DeepFoolResult:
+def _deepfool(model, x, y, norm, overshoot, steps, candidates, compact: bool) -> MinimalResult:
     """The loop, with the model already in the mode it should run in. compact: drop fooled examples from the batch
     (only sound when an example's forward does not depend on the batch: eval-mode BatchNorm)."""
     n = x.shape[0]
@@ -157,7 +149,7 @@ def _deepfool(model, x, y, norm, overshoot, steps, candidates, compact: bool) ->
         done[rows] = fooled
     delta = _per_example(x_adv - x)
     norms = delta.norm(dim=1) if norm == "l2" else delta.abs().amax(1)
-    return DeepFoolResult(x_adv.detach(), norms.detach(), done)
+    return MinimalResult(x_adv.detach(), norms.detach(), done)
 
 
 @register_attack("deepfool", summary="DeepFool: minimal L2 perturbation (Moosavi-Dezfooli et al.), then kept "
@@ -191,7 +183,7 @@ class DeepFool(Attack):
         result = self._run(model, x, y)
         return project(result.x_adv, x, self.eps, self.norm)
 
-    def minimal(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> DeepFoolResult:
+    def minimal(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> MinimalResult:
         """The unprojected minimal perturbation, with `__call__`'s guarantees (model modes, BatchNorm statistics and
         `.grad` as they were, float32 threat set)."""
         _check_grad_possible()
@@ -199,7 +191,7 @@ class DeepFool(Attack):
         with model_mode(model, self.bn_mode, grad=True):
             return self._run(model, x, y)
 
-    def _run(self, model, x, y) -> DeepFoolResult:
+    def _run(self, model, x, y) -> MinimalResult:
         # With batch statistics an example's forward depends on the batch: keep everyone in it, as PGD does.
         return _deepfool(model, x, y, self.norm, self.overshoot, self.steps, self.candidates,
                          compact=self.bn_mode == "eval")

@@ -9,8 +9,10 @@ from robust_train.attacks import ATTACKS
 from robust_train.checkpoint import read_checkpoint
 from robust_train.distributed import launch
 from robust_train.errors import ConfigError
-from robust_train.evaluate.options import (STABILITY_ATTACKS, EvaluateOptions, parse_eps, parse_names,
-                                           parse_stability_attacks)
+from robust_train.evaluate.options import (STABILITY_ATTACKS, EvaluateOptions, parse_budget, parse_eps,
+                                           parse_levels,
+                                           parse_names, parse_stability_attacks)
+from robust_train.evaluate.probes import parse_probes
 from robust_train.evaluate.report import format_console, write_report
 from robust_train.evaluate.run import run
 from robust_train.evaluate.sections.suite import DEFAULT_SUITE
@@ -60,6 +62,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--transfer-from", default=None, metavar="CKPT",
                    help="also evaluate black-box transfer: PGD crafted on this checkpoint (same data) at the main ε, "
                         "then evaluated on --ckpt")
+    p.add_argument("--probes", nargs="?", const="saturation,patch_shuffle", default=None, metavar="NAMES",
+                   help="shape-bias probes (Zhang & Zhu 2019): accuracy under saturation and patch shuffling "
+                        "(--probes alone: both; or a comma-separated subset)")
+    p.add_argument("--saturation-levels", default="1,4,8,16,64,1024",
+                   help="saturation exponents p (2 is the identity; default 1,4,8,16,64,1024)")
+    p.add_argument("--shuffle-levels", default="2,4,8", help="patches per side for patch shuffling (default 2,4,8)")
+    p.add_argument("--universal", action="store_true",
+                   help="a universal adversarial perturbation (Moosavi-Dezfooli et al. 2017) computed on training "
+                        "images, its fooling rate on the test images beside random noise of the same norm")
+    p.add_argument("--universal-eps", default=None, help="its budget (default: the main ε), e.g. 0.2 or 8/255")
+    p.add_argument("--universal-norm", default="linf", help="linf (default) or l2")
+    p.add_argument("--universal-n", type=int, default=1000, help="training images it is computed on (default 1000)")
+    p.add_argument("--type1", default=None, metavar="SVAE_CKPT",
+                   help="Type-I attack through this supervised VAE (recipe svae): the decoded image becomes another "
+                        "digit while the classifier keeps its label")
     p.error = lambda message: (_ for _ in ()).throw(ConfigError(f"evaluate: {message}"))  # one line, exit 2
     return p
 
@@ -74,7 +91,12 @@ def options_from(args: argparse.Namespace) -> EvaluateOptions:
         stability_steps=args.stability_steps, map=args.map, topk=args.topk, pictures=not args.no_pictures,
         n_pictures=args.n_pictures, out=Path(args.out) if args.out else ckpt.parent / f"eval-{ckpt.stem}",
         checks=not args.no_checks, checks_n=args.checks_n, transfer_from=args.transfer_from, devices=args.devices,
-        accelerator=args.accelerator, num_nodes=args.num_nodes)
+        accelerator=args.accelerator, num_nodes=args.num_nodes,
+        probes=parse_probes(args.probes) if args.probes is not None else (),
+        saturation_levels=parse_levels(args.saturation_levels, "--saturation-levels"),
+        shuffle_levels=parse_levels(args.shuffle_levels, "--shuffle-levels"), universal=args.universal,
+        universal_eps=parse_budget(args.universal_eps, "--universal-eps") if args.universal_eps is not None else None,
+        universal_norm=args.universal_norm, universal_n=args.universal_n, type1=args.type1)
 
 
 def main(argv: list[str]) -> int:

@@ -17,6 +17,8 @@ from robust_train.errors import ConfigError
 from robust_train.interpret import MAPS
 
 STABILITY_ATTACKS = ("aai", "pgd_madry")
+UNIVERSAL_NORMS = ("linf", "l2")
+MIN_UNIVERSAL_IMAGES = 10
 ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
 
 
@@ -31,6 +33,27 @@ def parse_eps(text: str) -> list[float]:
     if not values:
         raise ConfigError(f"--eps {text!r} names no budget: give values like 0,0.1,0.3 or 0,2/255,8/255")
     return [check_eps(v) for v in values]
+
+
+def parse_budget(text: str, option: str) -> float:
+    """'8/255' -> 0.0313...; one value, range checked by the caller (it depends on the norm)."""
+    try:
+        return float(Fraction(text.strip()))
+    except (ValueError, ZeroDivisionError):
+        raise ConfigError(f"{option} {text!r} is not a number: give a value like 0.3 or 8/255") from None
+
+
+def parse_levels(text: str, option: str) -> list[float]:
+    """'1,4,8' -> [1.0, 4.0, 8.0]; each probe checks its own range."""
+    values = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        try:
+            values.append(float(item))
+        except ValueError:
+            raise ConfigError(f"{option} {item!r} is not a number: give comma-separated levels like 1,4,8") from None
+    if not values:
+        raise ConfigError(f"{option} {text!r} names no level: give comma-separated levels like 1,4,8")
+    return values
 
 
 def parse_names(text: str, option: str) -> list[str]:
@@ -82,7 +105,10 @@ class EvaluateOptions:
     as gallery.png and a transition.png into `out` (None: no pictures; the command line's default is a folder
     beside the checkpoint, where it writes the report); checks: the gradient-masking
     checks on the first `checks_n` images; transfer_from: a checkpoint of the same data whose PGD examples are
-    evaluated on this model (black box); devices/accelerator/num_nodes: processes sharing the work.
+    evaluated on this model (black box); devices/accelerator/num_nodes: processes sharing the work; probes: the
+    shape-bias probes to run (names of `evaluate.probes.PROBES`) at `saturation_levels` and `shuffle_levels`;
+    universal: a universal perturbation of norm `universal_norm` ≤ `universal_eps` (None: the main ε) computed on
+    `universal_n` training images; type1: an `svae` checkpoint for the Type-I attack.
     """
 
     ckpt: str | Path
@@ -109,6 +135,14 @@ class EvaluateOptions:
     devices: int | str = 1
     accelerator: str = "auto"
     num_nodes: int = 1
+    probes: Sequence[str] = ()
+    saturation_levels: Sequence[float] = (1, 4, 8, 16, 64, 1024)
+    shuffle_levels: Sequence[int] = (2, 4, 8)
+    universal: bool = False
+    universal_eps: float | None = None
+    universal_norm: str = "linf"
+    universal_n: int = 1000
+    type1: str | Path | None = None
     progress: bool = field(default=True, compare=False)
 
     def __post_init__(self):
@@ -137,6 +171,17 @@ class EvaluateOptions:
         if self.out is not None:
             self.out = Path(self.out)
             check_output_folder(self.out)
+        self._check_probes()
+        if self.universal_norm not in UNIVERSAL_NORMS:
+            raise ConfigError(f"--universal-norm {self.universal_norm!r}: use linf or l2")
+        if self.universal_eps is not None:
+            self.universal_eps = check_eps(self.universal_eps, self.universal_norm)
+        if isinstance(self.universal_n, bool) or not isinstance(self.universal_n, numbers.Integral) or \
+                self.universal_n < MIN_UNIVERSAL_IMAGES:
+            raise ConfigError(f"--universal-n {self.universal_n!r}: a universal perturbation needs at least "
+                              f"{MIN_UNIVERSAL_IMAGES} training images")
+        if self.type1 is not None:
+            self._check_type1()
         self.devices = self._devices(self.devices)
         if self.accelerator not in ACCELERATORS:
             raise ConfigError(f"--accelerator {self.accelerator!r}: use one of {', '.join(ACCELERATORS)}")
@@ -145,6 +190,29 @@ class EvaluateOptions:
                 torch.device(self.device)
             except RuntimeError:
                 raise ConfigError(f"--device {self.device!r} is not a device: use cpu, cuda or cuda:1, ...") from None
+
+    def _check_probes(self) -> None:
+        from robust_train.evaluate.probes import PROBES
+
+        self.probes = list(self.probes or ())
+        for name in self.probes:
+            PROBES.get(name)
+        self.saturation_levels = [PROBES.get("saturation")().check_level(p) for p in self.saturation_levels]
+        self.shuffle_levels = [PROBES.get("patch_shuffle")().check_level(k) for k in self.shuffle_levels]
+        if not self.saturation_levels or not self.shuffle_levels:
+            raise ConfigError("--saturation-levels and --shuffle-levels need at least one level each")
+
+    def _check_type1(self) -> None:
+        from robust_train.checkpoint import read_checkpoint
+
+        self.type1 = Path(self.type1)
+        try:
+            arch = read_checkpoint(self.type1)["robust_train"].get("arch")
+        except ConfigError as e:
+            raise ConfigError(f"--type1: {e}") from None
+        if arch != "svae":
+            raise ConfigError(f"--type1 {self.type1} holds a {arch!r} model, not an svae: train one with "
+                              "`python -m robust_train fit --recipe svae` and pass its checkpoint")
 
     @staticmethod
     def _devices(devices) -> int | str:
