@@ -2,6 +2,7 @@
 
     fit|validate|test ...     LightningCLI, plus `--recipe NAME` (a file in recipes/ or a path to a YAML file)
     evaluate --ckpt PATH      accuracy under attack over the data set's ε grid (robust_train/evaluate/)
+    compare REPORT...         robustness curves and minimal-perturbation medians of several evaluations
     explore --ckpt PATH       a local page: drag ε and watch scores, maps and channels change (robust_train/explore/)
     recipes                   every recipe with one line on what it trains
     models|methods|attacks|maps|data
@@ -277,6 +278,10 @@ def main(argv: list[str] | None = None) -> int:
             from robust_train.evaluate.cli import main as evaluate_main
 
             return evaluate_main(argv[1:])
+        if argv and argv[0] == "compare":
+            from robust_train.evaluate.compare import main as compare_main
+
+            return compare_main(argv[1:])
         if argv and argv[0] == "explore":
             from robust_train.explore.cli import main as explore_main
 

@@ -115,7 +115,8 @@ CASES = [
     Case("trades_kl", "trades_kl", {"steps": 5}),
     Case("pgd_cosine", "pgd", {"steps": 5, "step_size": 0.1, "step_schedule": "cosine"}),
     Case("pgd_multitargeted", "pgd_targeted", {"steps": 5, "targets": 2}),
-    Case("deepfool", "deepfool", norm="l2"),  # its own tests (closed forms, torchattacks): tests/test_deepfool.py
+    Case("deepfool", "deepfool", norm="l2"),
+    Case("deepfool_linf", "deepfool_linf"),  # its own tests (closed forms, torchattacks): tests/test_deepfool.py
 ]
 ITERATIVE = [c for c in CASES if "steps" in c.kwargs]
 by_id = pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

@@ -198,3 +198,7 @@ class DeepFool(Attack):
 
     def describe(self) -> dict:
         return {**super().describe(), "loss": None, "overshoot": self.overshoot, "candidates": self.candidates}
+
+
+register_attack("deepfool_linf", DeepFool, norm="linf",
+                summary="DeepFool in L∞ (steps along sign(w)); minimal L∞ perturbation, then kept inside the ε-ball")

@@ -41,7 +41,9 @@ def format_markdown(report: dict) -> str:
 def format_console(report: dict) -> str:
     text = f"\n{report['recipe']}: clean accuracy {report['clean_accuracy']:.4f} on {report['n_examples']} images\n"
     for title, body in section_texts(report, console=True):
-        text += f"\n{title}\n\n{body}\n" if title else f"\n{body}\n"
+        body = "\n".join(line for line in body.splitlines() if not line.startswith("![")).strip()  # md pictures
+        if body:
+            text += f"\n{title}\n\n{body}\n" if title else f"\n{body}\n"
     for note in report.get("notes") or []:
         text += f"\nnote: {note}\n"
     return text

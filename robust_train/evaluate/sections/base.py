@@ -29,5 +29,13 @@ class Section:
         return ""
 
 
+def add_pictures(ev: Evaluation, figures: dict) -> list[str]:
+    """Record a section's pictures ({file name: RGB array}, already written into the report folder): wandb logs the
+    arrays, and the returned list, every picture of the report so far, is the section's `pictures` field."""
+    ev.results.setdefault("figures", {}).update(figures)
+    return [*ev.results["report"].get("pictures", []), *(f for f in figures if f not in
+                                                         ev.results["report"].get("pictures", []))]
+
+
 def sections_in_order() -> list[Section]:
     return sorted((SECTIONS.get(name)() for name in SECTIONS.names()), key=lambda s: s.order)

@@ -12,7 +12,7 @@ import torch
 
 from robust_train.attacks import AutoAttack, create_attack
 from robust_train.evaluate.evaluation import Evaluation
-from robust_train.evaluate.sections.base import Section, register_section
+from robust_train.evaluate.sections.base import Section, add_pictures, register_section
 from robust_train.evaluate.sections.stability import NO_MAPS_NOTE
 from robust_train.models.protopnet import is_prototype_model
 
@@ -92,8 +92,7 @@ class Pictures(Section):
                                                          class_names=class_names, path=out / "prototypes.png")
             settings["prototypes"] = {"file": "prototypes.png", "attack": attack_name, "eps": eps, "k": 3,
                                       "images": count}
-        ev.results["figures"] = figures
-        return {"pictures": list(figures), "picture_settings": settings}
+        return {"pictures": add_pictures(ev, figures), "picture_settings": settings}
 
     def text(self, report: dict) -> str:
         settings = report.get("picture_settings") or {}

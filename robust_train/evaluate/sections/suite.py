@@ -12,6 +12,7 @@ from robust_train.errors import ConfigError
 from robust_train.evaluate.accuracy import correct_under, worst_case
 from robust_train.evaluate.evaluation import Evaluation
 from robust_train.evaluate.sections.base import Section, register_section
+from robust_train.evaluate.sections.minimal import minimal_names
 from robust_train.models.protopnet import is_prototype_model
 
 DEFAULT_SUITE = ["pgd", "pgd_margin", "pgd_targeted"]
@@ -27,7 +28,8 @@ def suite_for(model, attacks) -> list[str]:
     if "pgd_prototype" in attacks and not prototypes:
         raise ConfigError(f"--attacks pgd_prototype needs a ProtoPNet checkpoint; this one holds a "
                           f"{type(model).__name__}: drop pgd_prototype")
-    return list(attacks)
+    minimal = minimal_names(attacks)  # they run once, in the minimal section, which adds them to the worst case
+    return [a for a in attacks if a not in minimal]
 
 
 def prototype_note(suite: list[str]) -> str:
