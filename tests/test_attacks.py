@@ -117,6 +117,8 @@ CASES = [
     Case("pgd_multitargeted", "pgd_targeted", {"steps": 5, "targets": 2}),
     Case("deepfool", "deepfool", norm="l2"),
     Case("deepfool_linf", "deepfool_linf"),  # its own tests (closed forms, torchattacks): tests/test_deepfool.py
+    Case("fmn", "fmn", {"steps": 20}),  # its own tests (closed forms, DeepFool, adv-lib): tests/test_fmn.py
+    Case("fmn_l2", "fmn_l2", {"steps": 20}, norm="l2"),
 ]
 ITERATIVE = [c for c in CASES if "steps" in c.kwargs]
 by_id = pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

@@ -15,8 +15,9 @@ from robust_train.attacks.pgd_discrepancy import DiscrepancyPGD
 from robust_train.attacks.autoattack import AutoAttack
 from robust_train.attacks.minimal import MinimalResult, is_minimal
 from robust_train.attacks.deepfool import DeepFool, deepfool
+from robust_train.attacks.fmn import FMN, fmn
 
 __all__ = ["AAI", "ATTACKS", "Attack", "AutoAttack", "BIM", "DeepFool", "DiscrepancyPGD", "FGSM",
            "MIM", "MultiTargetedPGD", "PGD", "PrototypePGD", "RandFGSM", "TRADESKL", "attack_loss", "create_attack",
-           "deepfool", "is_minimal", "MinimalResult", "project",
+           "deepfool", "FMN", "fmn", "is_minimal", "MinimalResult", "project",
            "register_attack"]
