@@ -13,8 +13,9 @@ def log_to_wandb(report: dict, figures: dict) -> bool:
         return False
     from robust_train.figures import figure_to_array
 
-    payload = {f"evaluate/{name.rsplit('.', 1)[0]}": wandb.Image(figure_to_array(fig), caption=name)
-               for name, fig in figures.items()}
+    # A section hands over a matplotlib Figure or an RGB array of it.
+    payload = {f"evaluate/{name.rsplit('.', 1)[0]}": wandb.Image(
+        fig if hasattr(fig, "shape") else figure_to_array(fig), caption=name) for name, fig in figures.items()}
     if report.get("map_stability"):
         columns = ["map", "attack", "eps", "kendall_tau", "topk_intersection", "n_used", "n_total", "n_constant",
                    "steps", "step_size"]

@@ -30,8 +30,9 @@ class Section:
 
 
 def add_pictures(ev: Evaluation, figures: dict) -> list[str]:
-    """Record a section's pictures ({file name: RGB array}, already written into the report folder): wandb logs the
-    arrays, and the returned list, every picture of the report so far, is the section's `pictures` field."""
+    """Record a section's pictures ({file name: matplotlib Figure or its RGB array}, already written into the
+    report folder): wandb logs them, and the returned list, every picture of the report so far, is the section's
+    `pictures` field."""
     ev.results.setdefault("figures", {}).update(figures)
     return [*ev.results["report"].get("pictures", []), *(f for f in figures if f not in
                                                          ev.results["report"].get("pictures", []))]
