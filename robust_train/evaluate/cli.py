@@ -55,7 +55,8 @@ def parser() -> argparse.ArgumentParser:
                                                 f"{', '.join(MAPS.names())})")
     p.add_argument("--topk", type=int, default=8, help="k of the top-k overlap and of AAI (default 8)")
     p.add_argument("--n-pictures", type=int, default=6, help="images in gallery.png (default 6)")
-    p.add_argument("--no-pictures", action="store_true", help="write no gallery.png / transition.png")
+    p.add_argument("--no-pictures", action="store_true",
+                   help="write no pictures (gallery, transition, robustness curve, probes, universal, Type-I)")
     p.add_argument("--no-checks", action="store_true", help="skip the gradient-masking checks")
     p.add_argument("--checks-n", type=int, default=200,
                    help="gradient-masking checks on the first N of the evaluated images (default 200)")

@@ -41,7 +41,10 @@ class Saturation(Probe):
     levels = (1, 4, 8, 16, 64, 1024)
 
     def check_level(self, level, side: int | None = None) -> float:
-        p = float(level)
+        try:
+            p = math.nan if isinstance(level, bool) else float(level)
+        except (TypeError, ValueError):
+            p = math.nan
         if not math.isfinite(p) or p <= 0:
             raise ConfigError(f"saturation level {level} is out of range: use p > 0 (2 is the identity, 1024 "
                               "binarises)")
