@@ -119,6 +119,7 @@ CASES = [
     Case("deepfool_linf", "deepfool_linf"),  # its own tests (closed forms, torchattacks): tests/test_deepfool.py
     Case("fmn", "fmn", {"steps": 20}),  # its own tests (closed forms, DeepFool, adv-lib): tests/test_fmn.py
     Case("fmn_l2", "fmn_l2", {"steps": 20}, norm="l2"),
+    Case("cw_l2", "cw_l2", {"steps": 50, "binary_search_steps": 3, "initial_const": 1.0}, norm="l2"),  # and its own
 ]
 ITERATIVE = [c for c in CASES if "steps" in c.kwargs]
 by_id = pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

@@ -16,8 +16,9 @@ from robust_train.attacks.autoattack import AutoAttack
 from robust_train.attacks.minimal import MinimalResult, is_minimal
 from robust_train.attacks.deepfool import DeepFool, deepfool
 from robust_train.attacks.fmn import FMN, fmn
+from robust_train.attacks.carlini_wagner import CarliniWagnerL2, carlini_wagner_l2
 
-__all__ = ["AAI", "ATTACKS", "Attack", "AutoAttack", "BIM", "DeepFool", "DiscrepancyPGD", "FGSM",
-           "MIM", "MultiTargetedPGD", "PGD", "PrototypePGD", "RandFGSM", "TRADESKL", "attack_loss", "create_attack",
-           "deepfool", "FMN", "fmn", "is_minimal", "MinimalResult", "project",
+__all__ = ["AAI", "ATTACKS", "Attack", "AutoAttack", "BIM", "CarliniWagnerL2", "DeepFool", "DiscrepancyPGD", "FGSM",
+           "MIM", "MultiTargetedPGD", "PGD", "PrototypePGD", "RandFGSM", "TRADESKL", "attack_loss", "carlini_wagner_l2",
+           "create_attack", "deepfool", "FMN", "fmn", "is_minimal", "MinimalResult", "project",
            "register_attack"]
