@@ -13,6 +13,7 @@ from robust_train.methods.distillation import DistillationTraining
 from robust_train.methods.parseval import ParsevalTraining
 from robust_train.methods.ensemble_adv import EnsembleAdvTraining
 from robust_train.methods.protopnet import ProtoPNetTraining
+from robust_train.methods.svae import SVAETraining  # noqa: F401  (register)
 
 __all__ = ["METHODS", "DistillationTraining", "EnsembleAdvTraining", "FGSMTraining", "FastFGSMTraining",
            "Int2AdvTraining", "Int2Training", "IntAdvTraining", "IntOneClassTraining", "IntTraining", "PGDTraining",

@@ -4,5 +4,6 @@ from robust_train.models.registry import MODELS, create_model, register_model
 from robust_train.models import preact_resnet, small_cnn, vgg, wide_resnet  # noqa: F401  (register)
 from robust_train.models import attention_pool  # noqa: F401  (register; wraps the backbones above)
 from robust_train.models import protopnet  # noqa: F401  (register; wraps the backbones above)
+from robust_train.models import svae  # noqa: F401  (register)
 
 __all__ = ["Classifier", "MODELS", "create_model", "register_model"]
