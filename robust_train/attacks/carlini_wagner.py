@@ -50,8 +50,8 @@ import numbers
 import torch
 from torch import nn
 
-from robust_train.attacks.base import Attack, _expand, _per_example, attack_loss, project, upcast
-from robust_train.attacks.minimal import MinimalResult
+from robust_train.attacks.base import _expand, _per_example, attack_loss, project, upcast
+from robust_train.attacks.minimal import MinimalAttack, MinimalResult, check_gradients_possible
 from robust_train.attacks.registry import register_attack
 from robust_train.errors import ConfigError
 from robust_train.modes import model_mode
@@ -88,11 +88,6 @@ def check_cw_options(kappa: float, steps: int, lr: float, binary_search_steps: i
         raise ConfigError(f"initial_const={initial_const!r} must be a finite number > 0: use e.g. 1e-3")
 
 
-def _check_grad_possible() -> None:
-    if torch.is_inference_mode_enabled():
-        raise RuntimeError("Carlini-Wagner needs gradients but inference mode is on: call it outside "
-                           "torch.inference_mode() (or run Lightning with Trainer(inference_mode=False))")
-
 
 def carlini_wagner_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, target: torch.Tensor | None = None,
                       kappa: float = 0.0, steps: int = STEPS, lr: float = 0.01,
@@ -110,7 +105,7 @@ def carlini_wagner_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, tar
     Example: ``x_adv, norms, success = carlini_wagner_l2(model, x, y)``
     """
     check_cw_options(kappa, steps, lr, binary_search_steps, initial_const)
-    _check_grad_possible()
+    check_gradients_possible("Carlini-Wagner")
     x = upcast(x.detach())
     with model_mode(model, "eval", grad=True):
         return _carlini_wagner_l2(model, x, y, target, float(kappa), int(steps), float(lr), int(binary_search_steps),
@@ -215,7 +210,7 @@ def _carlini_wagner_l2(model, x, y, target, kappa, steps, lr, binary_search_step
 
 @register_attack("cw_l2", summary="Carlini-Wagner L2: minimal L2 perturbation (tanh box, Adam, binary search on c), "
                                   "then kept inside the ε-ball")
-class CarliniWagnerL2(Attack):
+class CarliniWagnerL2(MinimalAttack):
     """Carlini–Wagner L2's minimal perturbation, projected onto the L2 ε-ball so that it fits the fixed-ε suite: an
     example broken within ε stays broken (its x' bit for bit), one that needs more comes back on the sphere (usually
     correct), and one never broken comes back at its iterate of highest margin, projected (`minimal` returns x for
@@ -241,7 +236,7 @@ class CarliniWagnerL2(Attack):
         self.step_size = None  # Adam's steps are in w, not in the image: see lr
 
     def perturb(self, model, x, y, target):
-        result, nearest = self._run(model, x, y, target, closest=True)
+        result, nearest = self.find(model, x, y, target, closest=True)
         # Where no iterate was adversarial, the one that came nearest (highest margin) rather than x: like the other
         # attacks of the fixed-ε suite, the strongest attempt, and a picture of what the attack tried.
         x_adv = torch.where(_expand(result.success, x), result.x_adv, nearest)
@@ -250,18 +245,7 @@ class CarliniWagnerL2(Attack):
         inside = _expand(_per_example(x_adv - x).norm(dim=1) <= self.eps, x)
         return torch.where(inside, x_adv, project(x_adv, x, self.eps, "l2"))
 
-    def minimal(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                target: torch.Tensor | None = None) -> MinimalResult:
-        """The unprojected minimal perturbation, with `__call__`'s guarantees (model modes, BatchNorm statistics and
-        `.grad` as they were, float32 threat set)."""
-        if self.targeted and target is None:
-            raise ValueError(f"{self.name} is targeted: pass target= (one class per example)")
-        _check_grad_possible()
-        x = upcast(x.detach())
-        with model_mode(model, self.bn_mode, grad=True):
-            return self._run(model, x, y, target if self.targeted else None)
-
-    def _run(self, model, x, y, target, closest: bool = False):
+    def find(self, model, x, y, target, closest: bool = False):
         # With batch statistics an example's forward depends on the batch: keep everyone in it, as PGD does.
         return _carlini_wagner_l2(model, x, y, target, self.kappa, self.steps, self.lr, self.binary_search_steps,
                                   self.initial_const, self.abort_early, compact=self.bn_mode == "eval",

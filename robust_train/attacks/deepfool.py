@@ -30,8 +30,8 @@ import numbers
 import torch
 from torch import nn
 
-from robust_train.attacks.base import Attack, Norm, _expand, _per_example, project, upcast
-from robust_train.attacks.minimal import MinimalResult
+from robust_train.attacks.base import Norm, _expand, _per_example, project, upcast
+from robust_train.attacks.minimal import MinimalAttack, MinimalResult, check_gradients_possible
 from robust_train.attacks.registry import register_attack
 from robust_train.errors import ConfigError
 from robust_train.modes import model_mode
@@ -58,11 +58,6 @@ def check_deepfool_options(norm: str, overshoot: float, steps: int, candidates: 
                           "class): use e.g. candidates=10")
 
 
-def _check_grad_possible() -> None:
-    if torch.is_inference_mode_enabled():
-        raise RuntimeError("DeepFool needs gradients but inference mode is on: call it outside "
-                           "torch.inference_mode() (or run Lightning with Trainer(inference_mode=False))")
-
 
 def deepfool(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: Norm = "l2", overshoot: float = 0.02,
              steps: int = 50, candidates: int = 10) -> MinimalResult:
@@ -78,7 +73,7 @@ def deepfool(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: Norm =
     Example: ``x_adv, norms, success = deepfool(model, x, y)``
     """
     check_deepfool_options(norm, overshoot, steps, candidates)
-    _check_grad_possible()
+    check_gradients_possible("DeepFool")
     x = upcast(x.detach())
     with model_mode(model, "eval", grad=True):
         return _deepfool(model, x, y, norm, overshoot, steps, candidates, compact=True)
@@ -154,7 +149,7 @@ def _deepfool(model, x, y, norm, overshoot, steps, candidates, compact: bool) ->
 
 @register_attack("deepfool", summary="DeepFool: minimal L2 perturbation (Moosavi-Dezfooli et al.), then kept "
                                      "inside the ε-ball")
-class DeepFool(Attack):
+class DeepFool(MinimalAttack):
     """DeepFool's minimal perturbation, projected onto the ε-ball so that it fits the fixed-ε suite: an example
     DeepFool breaks within ε stays broken, one it needs more than ε for comes back on the sphere (usually correct).
     `minimal` returns the unprojected result (norms and success), e.g. for a robustness curve.
@@ -180,18 +175,10 @@ class DeepFool(Attack):
         self.step_size = None  # each step's length comes from the linearisation
 
     def perturb(self, model, x, y, target):
-        result = self._run(model, x, y)
+        result = self.find(model, x, y)
         return project(result.x_adv, x, self.eps, self.norm)
 
-    def minimal(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> MinimalResult:
-        """The unprojected minimal perturbation, with `__call__`'s guarantees (model modes, BatchNorm statistics and
-        `.grad` as they were, float32 threat set)."""
-        _check_grad_possible()
-        x = upcast(x.detach())
-        with model_mode(model, self.bn_mode, grad=True):
-            return self._run(model, x, y)
-
-    def _run(self, model, x, y) -> MinimalResult:
+    def find(self, model, x, y, target=None) -> MinimalResult:
         # With batch statistics an example's forward depends on the batch: keep everyone in it, as PGD does.
         return _deepfool(model, x, y, self.norm, self.overshoot, self.steps, self.candidates,
                          compact=self.bn_mode == "eval")

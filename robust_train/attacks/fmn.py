@@ -56,8 +56,8 @@ import numbers
 import torch
 from torch import nn
 
-from robust_train.attacks.base import Attack, Norm, _expand, _per_example, attack_loss, project, upcast
-from robust_train.attacks.minimal import MinimalResult
+from robust_train.attacks.base import Norm, _expand, _per_example, attack_loss, project, upcast
+from robust_train.attacks.minimal import MinimalAttack, MinimalResult, check_gradients_possible
 from robust_train.attacks.registry import register_attack
 from robust_train.errors import ConfigError
 from robust_train.modes import model_mode
@@ -93,11 +93,6 @@ def check_fmn_options(norm: str, steps: int, alpha_init: float, alpha_final: flo
                               f"(the paper: {GAMMA_INIT} annealed to {GAMMA_FINAL})")
 
 
-def _check_grad_possible() -> None:
-    if torch.is_inference_mode_enabled():
-        raise RuntimeError("FMN needs gradients but inference mode is on: call it outside "
-                           "torch.inference_mode() (or run Lightning with Trainer(inference_mode=False))")
-
 
 def fmn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: Norm = "linf", steps: int = STEPS,
         alpha_init: float = ALPHA_INIT, alpha_final: float | None = None, gamma_init: float = GAMMA_INIT,
@@ -112,7 +107,7 @@ def fmn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: Norm = "lin
     Example: ``x_adv, norms, success = fmn(model, x, y, norm="l2")``
     """
     check_fmn_options(norm, steps, alpha_init, alpha_final, gamma_init, gamma_final)
-    _check_grad_possible()
+    check_gradients_possible("FMN")
     x = upcast(x.detach())
     with model_mode(model, "eval", grad=True):
         return _fmn(model, x, y, target, norm, steps, alpha_init, alpha_final, gamma_init, gamma_final)
@@ -191,7 +186,7 @@ def _fmn(model, x, y, target, norm, steps, alpha_init, alpha_final, gamma_init, 
 
 
 @register_attack("fmn", summary="FMN: fast minimum-norm L∞ perturbation (Pintor et al.), then kept inside the ε-ball")
-class FMN(Attack):
+class FMN(MinimalAttack):
     """FMN's minimal perturbation, projected onto the ε-ball so that it fits the fixed-ε suite: an example broken
     within ε stays broken, one that needs more comes back on the sphere (usually correct). `minimal` returns the
     unprojected result (norms and success), e.g. for a robustness curve. "fmn" is the L∞ preset, "fmn_l2" the L2 one.
@@ -217,21 +212,10 @@ class FMN(Attack):
         self.step_size = None  # the step is annealed from alpha_init to alpha_final
 
     def perturb(self, model, x, y, target):
-        result = self._run(model, x, y, target)
+        result = self.find(model, x, y, target)
         return project(result.x_adv, x, self.eps, self.norm)
 
-    def minimal(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                target: torch.Tensor | None = None) -> MinimalResult:
-        """The unprojected minimal perturbation, with `__call__`'s guarantees (model modes, BatchNorm statistics and
-        `.grad` as they were, float32 threat set)."""
-        if self.targeted and target is None:
-            raise ValueError(f"{self.name} is targeted: pass target= (one class per example)")
-        _check_grad_possible()
-        x = upcast(x.detach())
-        with model_mode(model, self.bn_mode, grad=True):
-            return self._run(model, x, y, target if self.targeted else None)
-
-    def _run(self, model, x, y, target) -> MinimalResult:
+    def find(self, model, x, y, target) -> MinimalResult:
         return _fmn(model, x, y, target, self.norm, self.steps, self.alpha_init, self.alpha_final, self.gamma_init,
                     self.gamma_final)
 

@@ -37,7 +37,8 @@ import torch
 from torch import nn
 
 from robust_train.attacks.base import Norm, _expand, _per_example, check_eps, upcast
-from robust_train.attacks.deepfool import _check_grad_possible, deepfool
+from robust_train.attacks.deepfool import deepfool
+from robust_train.attacks.minimal import check_gradients_possible
 from robust_train.errors import ConfigError
 from robust_train.modes import model_mode
 
@@ -151,7 +152,7 @@ def universal_perturbation(model: nn.Module, x: torch.Tensor, y: torch.Tensor | 
     deepfool_norm = norm if deepfool_norm is None else deepfool_norm
     if deepfool_norm not in ("linf", "l2"):
         raise ConfigError(f"deepfool_norm={deepfool_norm!r}: use 'l2' (the paper's), 'linf' or None (the norm of v)")
-    _check_grad_possible()
+    check_gradients_possible("universal_perturbation")
     if x.ndim < 2:
         raise ValueError(f"expected a batch of images (N, C, H, W), got shape {tuple(x.shape)}")
     x = upcast(x.detach())
