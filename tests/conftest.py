@@ -94,3 +94,44 @@ def explore_checkpoints(tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     return tuple(paths)
+
+
+class SmallMLP(torch.nn.Module):
+    """784-64-10 with BatchNorm and Dropout, so a wrong train/eval mode would show; cheap enough to carry the
+    comparisons of the minimal-perturbation attacks over many digits."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Dropout(0.1),
+                                 nn.Linear(64, 10))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def train_on_mnist(model: torch.nn.Module, keep: int):
+    """300 Adam steps on 2,000 bundled MNIST digits (seconds on one core); the model in eval mode and the first
+    `keep` of the first 300 test digits that it classifies correctly."""
+    import torch.nn.functional as F
+
+    from robust_train.data.mnist import _bundled
+
+    x_train, y_train = _bundled("train")
+    x_test, y_test = _bundled("t10k")
+    x_train, y_train = x_train[:2000].float() / 255, y_train[:2000]
+    x_test, y_test = x_test[:300].float() / 255, y_test[:300]
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        idx = torch.randint(0, len(x_train), (64,), generator=g)
+        opt.zero_grad()
+        F.cross_entropy(model(x_train[idx]), y_train[idx]).backward()
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    model.eval()
+    with torch.no_grad():
+        correct = model(x_test).argmax(1) == y_test
+    assert correct.double().mean() > 0.85, "premise: the model is trained"
+    rows = correct.nonzero().squeeze(1)[:keep]
+    return model, x_test[rows], y_test[rows]

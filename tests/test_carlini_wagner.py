@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from robust_train.attacks import ATTACKS, CarliniWagnerL2, attack_loss, carlini_wagner_l2, create_attack, is_minimal
-from robust_train.data.mnist import _bundled
 from robust_train.errors import ConfigError
+from tests.conftest import SmallMLP, train_on_mnist
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -115,42 +115,6 @@ class SmallCNN(nn.Module):
 
     def forward(self, x):
         return self.net(x)
-
-
-class SmallMLP(nn.Module):
-    """784-64-10 with BatchNorm and Dropout (as in tests/test_deepfool.py): a backward pass costs a third of the
-    CNN's on a CPU, so it carries the comparison over many digits."""
-
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Dropout(0.1),
-                                 nn.Linear(64, 10))
-
-    def forward(self, x):
-        return self.net(x)
-
-
-def train_on_mnist(model: nn.Module, keep: int):
-    """300 Adam steps on 2,000 bundled MNIST digits (a few seconds on one core); the model in eval mode and the
-    first `keep` test digits it classifies correctly."""
-    x_train, y_train = _bundled("train")
-    x_test, y_test = _bundled("t10k")
-    x_train, y_train = x_train[:2000].float() / 255, y_train[:2000]
-    x_test, y_test = x_test[:200].float() / 255, y_test[:200]
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(300):
-        idx = torch.randint(0, len(x_train), (64,), generator=g)
-        opt.zero_grad()
-        F.cross_entropy(model(x_train[idx]), y_train[idx]).backward()
-        opt.step()
-    opt.zero_grad(set_to_none=True)
-    model.eval()
-    with torch.no_grad():
-        correct = model(x_test).argmax(1) == y_test
-    assert correct.double().mean() > 0.85, "premise: the model is trained"
-    keep = correct.nonzero().squeeze(1)[:keep]
-    return model, x_test[keep], y_test[keep]
 
 
 @pytest.fixture(scope="module")

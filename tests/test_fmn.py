@@ -7,13 +7,12 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from robust_train.attacks import ATTACKS, FMN, create_attack, deepfool, fmn
 from robust_train.attacks.fmn import ALPHA_INIT, STEPS
-from robust_train.data.mnist import _bundled
 from robust_train.errors import ConfigError
+from tests.conftest import SmallMLP, train_on_mnist
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -96,42 +95,12 @@ def test_targeted_affine_minimum():
 
 
 # ------------------------------------------------------------------------------------------ trained MNIST model
-class SmallMLP(nn.Module):
-    """784-64-10 with BatchNorm and Dropout, so a wrong train/eval mode would show."""
-
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Dropout(0.1),
-                                 nn.Linear(64, 10))
-
-    def forward(self, x):
-        return self.net(x)
-
-
 @pytest.fixture(scope="module")
 def mnist(one_thread):
     """A small MLP trained for 300 Adam steps on 2,000 bundled MNIST digits (about a second on one core), in eval
     mode, and 100 test digits it classifies correctly."""
-    x_train, y_train = _bundled("train")
-    x_test, y_test = _bundled("t10k")
-    x_train, y_train = x_train[:2000].float() / 255, y_train[:2000]
-    x_test, y_test = x_test[:300].float() / 255, y_test[:300]
     torch.manual_seed(0)
-    model = SmallMLP()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(300):
-        idx = torch.randint(0, len(x_train), (64,), generator=g)
-        opt.zero_grad()
-        F.cross_entropy(model(x_train[idx]), y_train[idx]).backward()
-        opt.step()
-    opt.zero_grad(set_to_none=True)
-    model.eval()
-    with torch.no_grad():
-        correct = model(x_test).argmax(1) == y_test
-    assert correct.double().mean() > 0.85, "premise: the model is trained"
-    keep = correct.nonzero().squeeze(1)[:100]
-    return model, x_test[keep], y_test[keep]
+    return train_on_mnist(SmallMLP(), keep=100)
 
 
 @pytest.fixture(scope="module")
