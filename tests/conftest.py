@@ -135,3 +135,26 @@ def train_on_mnist(model: torch.nn.Module, keep: int):
     assert correct.double().mean() > 0.85, "premise: the model is trained"
     rows = correct.nonzero().squeeze(1)[:keep]
     return model, x_test[rows], y_test[rows]
+
+
+def train_recipe_briefly(name: str, root, steps: int = 2, **init_overrides):
+    """The recipe's method, model and data exactly as recipes/<name>.yaml says (plus `init_overrides` on the
+    method), trained for `steps` batches in-process, cheaper than the CLI's subprocess; returns the module."""
+    import importlib
+    from pathlib import Path
+
+    import yaml
+
+    recipe = yaml.safe_load((Path(__file__).resolve().parents[1] / "recipes" / f"{name}.yaml").read_text())
+
+    def build(section: dict, **extra):
+        module_name, _, class_name = section["class_path"].rpartition(".")
+        cls = getattr(importlib.import_module(module_name), class_name)
+        return cls(**{**section.get("init_args", {}), **extra})
+
+    data = build(recipe["data"], batch_size=16)
+    data.setup("fit")
+    torch.manual_seed(0)
+    module = build(recipe["model"], data_spec=data.spec, **init_overrides)
+    quiet_trainer(root, max_steps=steps, limit_val_batches=0).fit(module, datamodule=data)
+    return module

@@ -8,7 +8,7 @@ from robust_train.models import MODELS, Classifier, create_model
 
 # Per-name overrides that keep the test fast while still exercising the entry's keyword arguments.
 FAST_KWARGS = {"wide_resnet": dict(depth=10, widen=2)}
-SIZE = {"small_cnn": (1, 28)}  # (in_channels, image side); the rest are 32x32 RGB
+SIZE = {"small_cnn": (1, 28), "fast_mnist_cnn": (1, 28)}  # (in_channels, image side); the rest are 32x32 RGB
 HEAVY = {"wide_resnet34_10", "wide_resnet28_10"}
 
 
@@ -45,6 +45,14 @@ def test_registered_model_contract(name):
 def test_parameter_counts(name, expected):
     n = sum(p.numel() for p in create_model(name, num_classes=10).parameters())
     assert abs(n - expected) / expected < 0.01
+
+
+def test_fast_mnist_cnn_is_wong_et_als_network():
+    model = create_model("fast_mnist_cnn", num_classes=10, in_channels=1)
+    shapes = [tuple(p.shape) for p in model.parameters()]
+    assert shapes == [(16, 1, 4, 4), (16,), (32, 16, 4, 4), (32,), (100, 1568), (100,), (10, 100), (10,)]
+    assert sum(p.numel() for p in model.parameters()) == 166_406
+    assert model.features(torch.rand(3, 1, 28, 28)).shape == (3, 100, 1, 1)
 
 
 def test_feature_map_sizes_on_32x32():

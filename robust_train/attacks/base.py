@@ -40,8 +40,13 @@ def check_eps(eps: float, norm: str = "linf") -> float:
 
 
 def check_positive(name: str, value, allow_zero: bool = False):
-    if value is None or not (value >= 0 if allow_zero else value > 0):  # `not` also rejects nan
-        raise ConfigError(f"{name}={value} must be {'>= 0' if allow_zero else '> 0'}")
+    """`value` if it is a finite number > 0 (>= 0 with allow_zero), else a ConfigError naming `name`."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not math.isfinite(number) or not (number >= 0 if allow_zero else number > 0):
+        raise ConfigError(f"{name}={value} must be a finite number {'>= 0' if allow_zero else '> 0'}")
     return value
 
 

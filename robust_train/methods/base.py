@@ -12,7 +12,6 @@ Accuracy under attack at validation comes from the AttackAccuracy callback, so `
 """
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import lightning.pytorch as pl
@@ -21,12 +20,15 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from robust_train.attacks.base import Attack, BNMode, check_eps
+from robust_train.attacks.base import Attack, BNMode, check_eps, check_positive
 from robust_train.checkpoint import checkpoint_metadata
 from robust_train.errors import ConfigError
 from robust_train.methods.training_attack import TrainingAttack
+from robust_train.methods.weight_perturbation import perturbed_parameters, shift_weights, weight_perturbation
 from robust_train.models import create_model
+from robust_train.modes import model_mode
 
+SCHEDULES = ("constant", "cosine", "multistep", "onecycle", "cyclic")
 DEFAULT_SPEC = {"name": "mnist", "num_classes": 10, "in_channels": 1, "image_size": [28, 28],
                 "mean": [0.1307], "std": [0.3081]}
 
@@ -42,8 +44,15 @@ class RobustModule(pl.LightningModule):
             (fractional epochs; equal values mean no ramp).
         attack_bn_mode: BatchNorm mode while crafting training examples ("eval": running statistics, untouched).
         optimizer, lr, momentum, weight_decay, nesterov: the optimiser.
-        lr_schedule: "constant", "cosine" (per step), "multistep" (×gamma at `milestones` epochs) or "cyclic"
-            (linear up to lr at 2/5 of training, then down to 0: the schedule of fast adversarial training).
+        lr_schedule: torch's schedulers: "constant", "cosine" (CosineAnnealingLR to 0, per step), "multistep"
+            (MultiStepLR: ×gamma at `milestones` epochs), "onecycle" (OneCycleLR, linear: from lr/25 up to lr at
+            `lr_peak_at` of training, then down to ~0; Smith's one cycle, the schedule of fast adversarial training)
+            or "cyclic" (CyclicLR: `lr_cycles` triangles 0 → lr → 0 over training, each peaking at `lr_peak_at` of
+            its period; one cycle at 0.4 is Wong et al.'s 0 → lr → 0).
+        awp_gamma, awp_warmup: adversarial weight perturbation (Wu et al., NeurIPS 2020) on top of the method's own
+            loss: each step the weights are moved by γ·‖w‖ (per layer) up that loss's gradient, the gradient is
+            taken there and the step applied to the unperturbed weights (robust_train.methods.weight_perturbation).
+            γ = 0 (default) turns it off; it starts after `awp_warmup` epochs.
         channels_last: keep the model's weights in NHWC memory order (the first convolution then returns NHWC
             activations whatever the layout of the images, so batches need no conversion): faster convolutions on GPUs, most of all under bf16 (`--trainer.precision
             bf16-mixed`, with which the attacks stay correct: see robust_train.attacks.base). Attacks work on
@@ -61,8 +70,9 @@ class RobustModule(pl.LightningModule):
                  attack_bn_mode: Literal["eval", "train"] = "eval",
                  optimizer: Literal["sgd", "adam", "adamw"] = "adam", lr: float = 1e-3, momentum: float = 0.9,
                  weight_decay: float = 0.0, nesterov: bool = False,
-                 lr_schedule: Literal["constant", "cosine", "multistep", "cyclic"] = "constant",
-                 milestones: list[int] | None = None, gamma: float = 0.1, channels_last: bool = False,
+                 lr_schedule: Literal["constant", "cosine", "multistep", "onecycle", "cyclic"] = "constant",
+                 milestones: list[int] | None = None, gamma: float = 0.1, lr_peak_at: float = 0.4,
+                 lr_cycles: int = 1, awp_gamma: float = 0.0, awp_warmup: float = 0.0, channels_last: bool = False,
                  compile: bool = False):
         super().__init__()
         self.save_hyperparameters()
@@ -70,15 +80,26 @@ class RobustModule(pl.LightningModule):
         check_eps(eps)
         if eps_warmup_start < 0 or eps_warmup_end < eps_warmup_start:
             raise ConfigError("eps_warmup_start must be >= 0 and <= eps_warmup_end")
-        if lr <= 0:
-            raise ConfigError(f"lr={lr} must be > 0")
+        check_positive("lr", lr)
+        if lr_schedule not in SCHEDULES:
+            raise ConfigError(f"unknown lr_schedule {lr_schedule!r}: use {', '.join(SCHEDULES)}")
+        if not 0 < lr_peak_at < 1:
+            raise ConfigError(f"lr_peak_at={lr_peak_at} must be in (0, 1): the fraction of training (or of each "
+                              "cycle) at which the learning rate peaks")
+        check_positive("lr_cycles", lr_cycles)
+        check_positive("awp_gamma", awp_gamma, allow_zero=True)
+        check_positive("awp_warmup", awp_warmup, allow_zero=True)
         self.model = create_model(arch, num_classes=spec["num_classes"], in_channels=spec["in_channels"],
                                   mean=spec["mean"], std=spec["std"], **(arch_kwargs or {}))
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)  # 4-D weights only; keys unchanged
         if compile:
             self.model.compile()  # in place and lazy: no `_orig_mod.` in the state_dict keys, nothing compiled yet
+        if awp_gamma > 0 and type(self).training_step is not RobustModule.training_step:
+            raise ConfigError(f"{type(self).__name__} has a training step of its own, which does not apply "
+                              "adversarial weight perturbation: set awp_gamma to 0")
         self.eps = eps
+        self._awp_shift = None
         self.training_attack: TrainingAttack | None = None  # set by methods that train on adversarial batches
         self.run_info: dict = {}  # filled by the CLI (recipe name, run folder) and stored in checkpoints
         n = spec["num_classes"]
@@ -118,8 +139,11 @@ class RobustModule(pl.LightningModule):
         x, y = batch
         eps = self.current_eps()
         x_adv = self.adversarial_batch(x, y, eps)
+        if self.awp_active():
+            self.perturb_weights(x, y, x_adv)
         loss, logits = self.training_loss(x, y, x_adv)
         if not torch.isfinite(loss):
+            self.restore_weights()
             raise FloatingPointError(f"training loss became {loss.item()} at step {self.global_step}: lower the "
                                      "learning rate or check the data")
         self.train_acc(logits.detach(), y)
@@ -127,6 +151,29 @@ class RobustModule(pl.LightningModule):
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         self.log("train/eps", eps)
         return loss
+
+    def awp_active(self) -> bool:
+        hp = self.hparams
+        if hp.awp_gamma == 0 or self._trainer is None:
+            return False
+        return self.global_step / max(1, self.trainer.num_training_batches) >= hp.awp_warmup
+
+    def perturb_weights(self, x, y, x_adv) -> None:
+        """AWP: move the weights to w + v, up the method's own loss (BatchNorm statistics untouched by this extra
+        forward); `on_train_batch_end`, after the optimiser's step, moves them back by −v."""
+        params = perturbed_parameters(self.model)
+        with model_mode(self.model, "train"):  # the gradient inside: restoring the statistics bumps their version
+            loss, _ = self.training_loss(x, y, x_adv)
+            self._awp_shift = (params, weight_perturbation(params, loss, self.hparams.awp_gamma))
+        shift_weights(*self._awp_shift, sign=1.0)
+
+    def restore_weights(self) -> None:
+        if getattr(self, "_awp_shift", None) is not None:
+            shift_weights(*self._awp_shift, sign=-1.0)
+            self._awp_shift = None
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self.restore_weights()
 
     def _eval_step(self, batch, acc: MulticlassAccuracy, mean_loss: MeanMetric, stage: str):
         x, y = batch
@@ -158,15 +205,21 @@ class RobustModule(pl.LightningModule):
         if hp.lr_schedule == "multistep":
             sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(hp.milestones or []), gamma=hp.gamma)
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+        total = max(2, int(self.trainer.estimated_stepping_batches))
+        schedulers = torch.optim.lr_scheduler
         if hp.lr_schedule == "cosine":
-            factor = lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))  # noqa: E731
+            sched = schedulers.CosineAnnealingLR(opt, T_max=total)
+        elif hp.lr_schedule == "onecycle":
+            # No momentum cycling: with Adam it would cycle β1, which fast adversarial training does not do.
+            sched = schedulers.OneCycleLR(opt, max_lr=hp.lr, total_steps=total, pct_start=hp.lr_peak_at,
+                                          anneal_strategy="linear", cycle_momentum=False)
         elif hp.lr_schedule == "cyclic":
-            peak = 0.4 * total
-            factor = lambda step: step / peak if step < peak else max(0.0, (total - step) / (total - peak))  # noqa: E731
+            period = total / hp.lr_cycles
+            up = max(1, round(hp.lr_peak_at * period))
+            sched = schedulers.CyclicLR(opt, base_lr=0.0, max_lr=hp.lr, step_size_up=up,
+                                        step_size_down=max(1, round(period) - up), cycle_momentum=False)
         else:
-            raise ConfigError(f"unknown lr_schedule {hp.lr_schedule!r}: use constant, cosine, multistep or cyclic")
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+            raise ConfigError(f"unknown lr_schedule {hp.lr_schedule!r}: use {', '.join(SCHEDULES)}")
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
