@@ -14,7 +14,8 @@ from robust_train.methods.base import DEFAULT_SPEC
 from tests.conftest import quiet_trainer
 
 SMALL = {name: {"steps": 3} for name in ("PGDTraining", "TRADESTraining", "IntTraining", "IntAdvTraining",
-                                          "IntOneClassTraining", "Int2Training", "Int2AdvTraining")}
+                                          "IntOneClassTraining", "Int2Training", "Int2AdvTraining",
+                                          "IGNormTraining", "IGNormSumTraining", "MARTTraining")}
 SMALL["ParsevalTraining"] = {"optimizer": "sgd", "lr": 0.05}
 SMALL["EnsembleAdvTraining"] = {"static_epochs": 1, "static_max_batches": 2}
 # Distillation trains a whole teacher first: tests/test_distillation.py covers its fit on a few batches.

@@ -12,6 +12,7 @@ from robust_train.attacks.mim import MIM
 from robust_train.attacks.trades_kl import TRADESKL
 from robust_train.attacks.aai import AAI
 from robust_train.attacks.pgd_discrepancy import DiscrepancyPGD
+from robust_train.attacks.pgd_ig_norm import IGNormPGD  # noqa: F401  (register)
 from robust_train.attacks.autoattack import AutoAttack
 from robust_train.attacks.minimal import MinimalResult, is_minimal
 from robust_train.attacks.deepfool import DeepFool, deepfool

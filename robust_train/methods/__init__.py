@@ -14,8 +14,14 @@ from robust_train.methods.parseval import ParsevalTraining
 from robust_train.methods.ensemble_adv import EnsembleAdvTraining
 from robust_train.methods.protopnet import ProtoPNetTraining
 from robust_train.methods.svae import SVAETraining  # noqa: F401  (register)
+from robust_train.methods.ig_norm import IGNormSumTraining, IGNormTraining
+from robust_train.methods.n_fgsm import NFGSMTraining
+from robust_train.methods.grad_align import GradAlignTraining
+from robust_train.methods.mart import MARTTraining
 
 __all__ = ["METHODS", "DistillationTraining", "EnsembleAdvTraining", "FGSMTraining", "FastFGSMTraining",
+           "GradAlignTraining", "MARTTraining", "NFGSMTraining",
+           "IGNormSumTraining", "IGNormTraining",
            "Int2AdvTraining", "Int2Training", "IntAdvTraining", "IntOneClassTraining", "IntTraining", "PGDTraining",
            "ParsevalTraining", "ProtoPNetTraining", "RobustModule", "StandardTraining", "TRADESTraining",
            "register_method"]

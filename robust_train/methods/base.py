@@ -60,8 +60,8 @@ class RobustModule(pl.LightningModule):
         compile: `torch.compile` the model in place (`nn.Module.compile`): the parameter names, hence the
             checkpoints and `robust_train.load`, stay as without it. Only `model(x)` is compiled; the first steps
             are slow (compilation, once per train/eval/grad mode). torch.compile does not support double backward
-            (`create_graph=True`): no training method here needs it (Int/Int2 differentiate CAMs, linear in the
-            features, and call `model.features`, which runs eagerly), but gradient-based maps (saliency, Grad-CAM,
+            (`create_graph=True`): GradAlign and IG-Norm need it and refuse `compile` (Int/Int2 differentiate CAMs,
+            linear in the features, and call `model.features`, which runs eagerly); gradient-based maps (saliency, Grad-CAM,
             integrated gradients) through the compiled model do, e.g. in MapStability/AAI with such a `map`.
     """
 
