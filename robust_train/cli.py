@@ -171,7 +171,7 @@ def run_lightning(recipe: str, resume: bool = False) -> Path:
     from lightning.pytorch.loggers import WandbLogger
     from jsonargparse import lazy_instance
 
-    from robust_train.callbacks import AttackAccuracy, MapStability, RNGState, RobustCheckpoint
+    from robust_train.callbacks import AttackAccuracy, MapStability, OverfitGuard, RNGState, RobustCheckpoint
     from robust_train.checkpoint import read_checkpoint
     from robust_train.data import ImageDataModule
     from robust_train.methods import RobustModule
@@ -185,6 +185,7 @@ def run_lightning(recipe: str, resume: bool = False) -> Path:
             parser.link_arguments("data.spec", "model.init_args.data_spec", apply_on="instantiate")
             parser.add_lightning_class_args(AttackAccuracy, "attack_accuracy")
             parser.add_lightning_class_args(MapStability, "map_stability")  # cheap defaults: every 5 epochs, 50 steps
+            parser.add_lightning_class_args(OverfitGuard, "overfit_guard")  # off unless every_n_steps is set
             parser.add_lightning_class_args(RobustCheckpoint, "checkpoint")
             parser.add_lightning_class_args(RNGState, "rng_state")  # resumed runs draw what uninterrupted ones would
             parser.set_defaults({
