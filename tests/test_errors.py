@@ -118,6 +118,14 @@ CASES = {
     "test truncated checkpoint": (["test", "--recipe", "standard", "--ckpt_path", "{bad}/truncated.ckpt"], "corrupt"),
     "validate another model's checkpoint": (["validate", "--recipe", "standard", "--ckpt_path", "{bad}/cifar.ckpt"],
                                             "another model"),
+    # Fast methods (issue 16): negative or non-finite λ, noise and steps, a guard interval of 0, an unknown schedule.
+    "negative GradAlign lambda": (["fit", "--recipe", "gradalign", "--model.init_args.lam", "-0.5"], "lam"),
+    "infinite N-FGSM noise": (["fit", "--recipe", "n_fgsm", "--model.init_args.noise_ratio", "inf"], "noise_ratio"),
+    "NaN PGD step size": (["fit", "--recipe", "pgd_awp", "--model.init_args.step_size", "nan"], "step_size"),
+    "negative AWP gamma": (["fit", "--recipe", "pgd_awp", "--model.init_args.awp_gamma", "-0.01"], "awp_gamma"),
+    "negative MART beta": (["fit", "--recipe", "mart", "--model.init_args.beta", "-1"], "beta"),
+    "guard interval 0": (["fit", "--recipe", "fgsm_rs", "--overfit_guard.every_n_steps", "0"], "every_n_steps"),
+    "unknown schedule": (["fit", "--recipe", "n_fgsm", "--model.init_args.lr_schedule", "triangle"], "lr_schedule"),
     "evaluate on infinite test images": (["evaluate", "--ckpt", "{bad}/cifar.ckpt", "--data-root", "{bad}/inf.npz",
                                      "--no-pictures", "--no-checks"], "x_test has 1 infinite"),
 }
