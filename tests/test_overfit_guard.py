@@ -310,3 +310,14 @@ def test_the_cli_refuses_every_n_steps_0_in_one_line(tmp_path):
     assert res.returncode == 2 and len(lines) == 1, res.stderr[-2000:]
     assert lines[0].startswith("robust-train: error:") and "every_n_steps=0" in lines[0], lines[0]
     assert not list(tmp_path.glob("*/*")), list(tmp_path.rglob("*"))  # no run folder left behind
+
+
+def test_the_single_step_recipes_turn_the_guard_on():
+    from pathlib import Path
+
+    import yaml
+
+    for name in ("fgsm_rs", "n_fgsm", "gradalign"):
+        recipe = yaml.safe_load((Path(__file__).resolve().parents[1] / "recipes" / f"{name}.yaml").read_text())
+        guard = OverfitGuard(**recipe["overfit_guard"])
+        assert guard.enabled and guard.action == "shrink", name
