@@ -109,5 +109,5 @@ def test_a_method_with_its_own_training_step_refuses_awp():
 def test_the_pgd_awp_recipe_trains_a_few_batches_with_awp_on(tmp_path):
     from tests.conftest import train_recipe_briefly
 
-    module = train_recipe_briefly("pgd_awp", tmp_path, steps=2)
+    module = train_recipe_briefly("pgd_awp", tmp_path, steps=2, awp_warmup=0.0, eps_warmup_end=0.0)
     assert module.hparams.awp_gamma > 0 and module.awp_active() and module._awp_shift is None
