@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Iterable, Iterator
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_warn
 import numpy as np
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
@@ -75,6 +76,7 @@ class MapStability(pl.Callback):
         self.map_fn = MAPS.get(map)  # fail at construction, not after an epoch
         self.topk = int(check_positive("topk", topk))
         self.log_images = bool(log_images)
+        self._warned_small_map = False
         for name in self.attacks:
             self.make_attack(name, 0.0)
 
@@ -127,6 +129,11 @@ class MapStability(pl.Callback):
         epoch, last = trainer.current_epoch, trainer.max_epochs
         return (epoch + 1) % self.every_n_epochs == 0 or (last is not None and last > 0 and epoch == last - 1)
 
+    def map_cells(self, model: nn.Module, x: torch.Tensor) -> int:
+        """How many cells the map has for one image x (1, C, H, W): top-k needs at least k."""
+        with torch.inference_mode(False), model_mode(model, "eval", grad=True):
+            return int(self.map_fn(model, x.clone())[0].numel())
+
     @staticmethod
     def first_batches(loaders, n: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if isinstance(loaders, (list, tuple)):
@@ -149,6 +156,13 @@ class MapStability(pl.Callback):
         share = -(-self.max_batches // max(1, trainer.world_size))
         with torch.inference_mode(False):  # batches loaded here are ordinary tensors even under inference mode
             batches = list(self.first_batches(loaders, share, pl_module.device))
+        if batches and self.map_cells(model, batches[0][0][:1]) < self.topk:
+            if not self._warned_small_map:
+                rank_zero_warn(f"map stability skipped: the {self.map_name} map of this model has fewer cells than "
+                               f"topk={self.topk} (e.g. a 1x1 feature map); set map_stability.topk lower or "
+                               "map_stability.every_n_epochs 0")
+                self._warned_small_map = True
+            return
         results = self.stability(model, batches, eps_list)
         for (name, eps), r in results.items():
             suffix = f"{name}@{eps:g}"
