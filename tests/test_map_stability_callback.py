@@ -114,6 +114,16 @@ def test_disabled_logs_nothing(mnist, tmp_path):
     assert not any("map_" in k for m in logger.metrics for k in m) and not logger.images
 
 
+def test_a_map_smaller_than_topk_is_skipped_with_one_warning(mnist, tmp_path):
+    """fast_mnist_cnn's CAM is 1x1: top-8 cannot be taken, and the run must go on rather than fail at epoch 5."""
+    logger = ImageRecorder()
+    t = trainer(tmp_path, callback(), logger=logger, max_epochs=2)
+    with pytest.warns(UserWarning, match="map stability skipped") as warned:
+        t.fit(StandardTraining(arch="fast_mnist_cnn"), datamodule=mnist)
+    assert len([w for w in warned if "map stability skipped" in str(w.message)]) == 1, "warned once, not per epoch"
+    assert t.current_epoch == 2 and not any("map_" in k for k in t.callback_metrics)
+
+
 def test_schedule_every_n_epochs_and_the_last_epoch(mnist, tmp_path):
     """every_n_epochs=2 over 3 epochs: epoch 2 (index 1) by the schedule, epoch 3 (index 2) as the last one."""
     logger = ImageRecorder()
