@@ -321,3 +321,12 @@ def test_the_single_step_recipes_turn_the_guard_on():
         recipe = yaml.safe_load((Path(__file__).resolve().parents[1] / "recipes" / f"{name}.yaml").read_text())
         guard = OverfitGuard(**recipe["overfit_guard"])
         assert guard.enabled and guard.action == "shrink", name
+
+
+def test_the_check_runs_at_its_own_eps_when_given(robust_weights, tmp_path):
+    own, default = OverfitGuard(every_n_steps=1, eps=0.05), OverfitGuard(every_n_steps=1)
+    fit(robust_module(robust_weights), [own], tmp_path / "own", steps=1)
+    fit(robust_module(robust_weights), [default], tmp_path / "default", steps=1)
+    assert own.attack.eps == 0.05 and default.attack.eps == TINY["eps"]
+    with pytest.raises(ConfigError, match="eps"):
+        OverfitGuard(every_n_steps=1, eps=1.5)

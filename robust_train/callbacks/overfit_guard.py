@@ -25,7 +25,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
-from robust_train.attacks.base import check_positive
+from robust_train.attacks.base import check_eps, check_positive
 from robust_train.attacks.registry import create_attack
 from robust_train.errors import ConfigError
 from robust_train.modes import model_mode
@@ -82,7 +82,7 @@ def count_correct(model: nn.Module, attack, batches: Iterable[tuple[torch.Tensor
 
 
 class OverfitGuard(pl.Callback):
-    """Every `every_n_steps` optimizer steps: robust accuracy on a fixed held-out batch at the method's full ε; a
+    """Every `every_n_steps` optimizer steps: robust accuracy on a fixed held-out batch at ε (the method's); a
     drop of more than `drop` below the best so far is a collapse.
 
     On a collapse the model's and the optimizers' states are put back to the last check that passed (copies kept on
@@ -94,7 +94,10 @@ class OverfitGuard(pl.Callback):
 
     Args:
         every_n_steps: check every N optimizer steps (trainer.global_step); None turns the guard off (the default).
-        attack: a registered attack name (`python -m robust_train attacks`), run at `pl_module.eps` with `steps`.
+        attack: a registered attack name (`python -m robust_train attacks`), run at `eps` with `steps`.
+        eps: the budget of the check; None: the method's ε (`pl_module.eps`). A recipe that trains beyond the ε it
+            is judged at (fgsm_rs: 0.35 for 0.3) checks at the judged one, where a robust model sits far above the
+            allowed drop and a collapse is not confused with the noise of a hard budget.
         n_images: the held-out batch: the first n images of the validation set (`trainer.datamodule
             .val_dataloader()`, else `trainer.val_dataloaders`), taken once when training starts. Without a
             validation set, the first n training images the run sees are used instead (images the model trains on:
@@ -118,7 +121,8 @@ class OverfitGuard(pl.Callback):
     first copy after a resume is the resumed weights).
     """
 
-    def __init__(self, every_n_steps: int | None = None, attack: str = "pgd", steps: int = 10, n_images: int = 256,
+    def __init__(self, every_n_steps: int | None = None, attack: str = "pgd", eps: float | None = None,
+                 steps: int = 10, n_images: int = 256,
                  drop: float = 0.2, action: Literal["stop", "shrink"] = "shrink", shrink_factor: float = 0.5,
                  max_shrinks: int = 3):
         if every_n_steps is not None and not is_whole(every_n_steps, 1):
@@ -143,6 +147,7 @@ class OverfitGuard(pl.Callback):
         if not is_whole(max_shrinks, 0):
             raise ConfigError(f"overfit_guard.max_shrinks={max_shrinks} must be an integer ≥ 0")
         self.max_shrinks = int(max_shrinks)
+        self.eps = None if eps is None else check_eps(eps)
         self.attack_name = attack
         create_attack(attack, 0.0, steps=self.steps)  # an unknown name fails at construction, not after an epoch
         self.attack = None
@@ -179,7 +184,8 @@ class OverfitGuard(pl.Callback):
         # After the checkpoint restore (on_fit_start comes before the optimizers' states are loaded).
         if not self.enabled:
             return
-        self.attack = create_attack(self.attack_name, float(pl_module.eps), steps=self.steps)
+        budget = float(pl_module.eps) if self.eps is None else self.eps
+        self.attack = create_attack(self.attack_name, budget, steps=self.steps)
         with seeded_rng(pl_module.device, trainer.global_rank):  # iterating a DataLoader draws a seed from torch's RNG
             self.held_out = self._validation_images(trainer, pl_module.device)
         self.held_out_complete = bool(self.held_out)
