@@ -147,8 +147,9 @@ def test_every_registered_attack_is_covered():
     # These lower an interpretation map's mass or raise a map discrepancy, not a classification loss, and need a
     # Classifier (features/head): they are covered by tests/test_aai.py and tests/test_discrepancy.py.
     # pgd_prototype needs a ProtoPNet: tests/test_pgd_prototype.py. AutoAttack runs its own package's code:
-    # tests/test_evaluate.py checks it agrees with our suite, tests/test_autoattack.py its contract.
-    covered_elsewhere = {"aai", "pgd_discrepancy", "pgd_prototype", "autoattack", "autoattack_standard"}
+    # tests/test_evaluate.py checks it agrees with our suite, tests/test_autoattack.py its contract. pgd_ig_norm
+    # (IG-Norm's inner maximisation): tests/test_ig_norm.py.
+    covered_elsewhere = {"aai", "pgd_discrepancy", "pgd_ig_norm", "pgd_prototype", "autoattack", "autoattack_standard"}
     assert set(ATTACKS.names()) - covered_elsewhere <= {c.name for c in CASES}, \
         "add a Case for the new attack"
 
