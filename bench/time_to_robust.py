@@ -15,10 +15,12 @@ Goals (issue 16):
     python bench/time_to_robust.py [--recipes fgsm_rs,n_fgsm,...] [--seeds 1] [--n 1000] [--points 6]
         [--runs bench/out/time_to_robust_runs] [--reuse] [--train-args "..."] [--no-suite]
         [--out bench/out/time_to_robust.json] [--png bench/out/time_to_robust.png]
+    python bench/time_to_robust.py --combine A.json B.json ...   (earlier runs judged and plotted together)
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import re
@@ -170,14 +172,20 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true", help="take finished runs from --runs instead of training")
     ap.add_argument("--train-args", default="", help="extra fit flags (smoke tests only: changes the recipes)")
     ap.add_argument("--no-suite", dest="suite", action="store_false", help="skip the default suite at the end")
+    ap.add_argument("--combine", nargs="+", metavar="JSON", help="no training: merge earlier results (runs of "
+                    "separate recipes), judge the goals on them together, print, write --out and --png")
     ap.add_argument("--out", default="bench/out/time_to_robust.json")
     ap.add_argument("--png", default="bench/out/time_to_robust.png")
     args = ap.parse_args()
     if args.seeds < 1 or args.n < 1 or args.points < 2:
         sys.exit("time_to_robust: --seeds and --n must be >= 1 and --points >= 2")
-    recipes = [r for r in args.recipes.split(",") if r]
+    recipes = [r for r in args.recipes.split(",") if r] if not args.combine else []
     result = {"benchmark": "time_to_robust", "eps": EPS, "n": args.n, "machine_info": machine_info("cpu"),
               "train_args": args.train_args, "goals": {}, "recipes": {}}
+    for path in args.combine or []:
+        earlier = json.loads(Path(path).read_text())
+        result["recipes"].update(earlier["recipes"])
+        result.setdefault("combined_from", []).append({"file": path, "date": earlier.get("date")})
     out = Path(args.out)
     for recipe in recipes:
         rec = result["recipes"].setdefault(recipe, {"recipe": recipe, "seeds": {}})

@@ -88,3 +88,19 @@ def test_a_finished_run_is_evaluated_and_plotted(tmp_path):
     assert [p["epoch"] for p in points] == [0, 1] and all(0 <= p["autoattack"] <= p["clean"] for p in points)
     assert result["n"] == 20 and "NOT MET" in done.stdout and png.stat().st_size > 1000
     assert sum(ln.startswith("n_fgsm ") for ln in done.stdout.splitlines()) == 2, "one table row per checkpoint"
+
+
+def test_combine_judges_earlier_results_together_without_training(tmp_path):
+    for name, recipe, points in (("a", "pgd_awp", [(3, 0.82), (7, 0.87)]), ("b", "int2_adv", [(30, 0.71)])):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"recipes": {recipe: {"recipe": recipe, "seeds": {"0": {
+            "curve": [{"epoch": i, "minutes": m, "clean": 0.98, "autoattack": a} for i, (m, a) in enumerate(points)]}}}},
+            "date": "2026-12-03 19:00"}))
+    out = tmp_path / "all.json"
+    done = subprocess.run([sys.executable, "bench/time_to_robust.py", "--combine", str(tmp_path / "a.json"),
+                           str(tmp_path / "b.json"), "--out", str(out), "--png", str(tmp_path / "all.png")],
+                          cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    goals = json.loads(out.read_text())["goals"]
+    assert goals["best recipe: AA >= 0.85 within 60.0 min"] == {"met": True, "recipes": {"pgd_awp": 7}}
+    assert goals["int2_adv: AA >= 0.7 in <= 34.5 min"] == {"met": True, "minutes": 30}
