@@ -15,14 +15,14 @@ is returned. Abort early: every max(steps // 10, 1) iterations, an example whose
 at the previous check stops for the rest of that search step.
 
 Defaults, and where they differ from the reference:
-  * steps=500 Adam steps per search step (reference: up to 10,000) and binary_search_steps=5 (reference: 9), so at
-    most 2,500 forward/backward passes per example (about 2,000 with abort early on MNIST); initial_const 1e-3,
-    lr 0.01 and κ 0 as in the reference. Measured on the tests' MNIST models (median L2, every digit broken):
-    784-64-10 MLP, 80 digits: 0.629 (5 × 500), 0.630 (9 × 200), 0.628 (9 × 1,000, the reference's start); small CNN,
-    24 digits: 0.780, 0.775, 0.763. The length of a search step matters more than the number of steps: the hinge
+  * steps=500 Adam steps per search step (reference: up to 10,000) and binary_search_steps=9 as in the reference,
+    so at most 4,500 forward/backward passes per example, fewer with abort early; initial_const 1e-3, lr 0.01 and
+    κ 0 as in the reference. The length of a search step matters more than its count on a standard model: the hinge
     penalty is exact once c passes a threshold, so a c that is too large costs little, while pixels need hundreds of
-    steps to leave the box's border (next point). On a busy one-core CPU 5 × 500 took about 0.1 s per digit for
-    the MLP and 0.45 s for the CNN.
+    steps to leave the box's border (next point). The count matters on an adversarially trained one: c grows tenfold
+    per search step until a first success, and such models need c of 10^3 and more (their margins are flat near x).
+    With 5 search steps (c at most 10) CW broke 1 of 50 digits of the pgd_awp recipe's model; with 9, 19 of 20
+    (bench/RESULTS.md, "minimal_norm").
   * w starts at atanh of (2x − 1)·(1 − 1e-3), the reference's factor is 1 − 1e-6. Most MNIST pixels sit on 0 or 1,
     where tanh is flat; Adam moves w by about lr per step, so such a pixel starts at |w| = 7.25 with the reference's
     factor and needs some 580 steps to reach |w| = 1.5 (x' = 0.05), against 230 from |w| = 3.8. With 200-step
@@ -57,7 +57,7 @@ from robust_train.errors import ConfigError
 from robust_train.modes import model_mode
 
 STEPS = 500
-BINARY_SEARCH_STEPS = 5
+BINARY_SEARCH_STEPS = 9  # the reference's: robust models need the large c that only the later search steps reach
 # atanh(±1) is infinite and tanh is flat there: a pixel on 0 or 1 started at atanh(∓1) could never move (torchattacks
 # does this). The reference's 1 − 1e-6 starts it so deep in the flat part that it takes ~580 Adam steps to get out;
 # 1 − 1e-3 takes ~230 (see the module docstring).
@@ -99,8 +99,8 @@ def carlini_wagner_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, tar
     y is the label the attack moves away from. An example already adversarial at x comes back unchanged with norm 0
     and success True; one never made adversarial comes back unchanged with norm 0 and success False (read
     `success`). The model runs in eval mode with gradients on and comes back in its own modes, parameters' `.grad`
-    untouched. Defaults: 5 binary-search steps on c from 1e-3, 500 Adam steps each (the reference: 9 and up to
-    10,000); see the module docstring for why.
+    untouched. Defaults: 9 binary-search steps on c from 1e-3 (the reference's), 500 Adam steps each (the reference:
+    up to 10,000); see the module docstring for why.
 
     Example: ``x_adv, norms, success = carlini_wagner_l2(model, x, y)``
     """
