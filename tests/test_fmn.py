@@ -77,6 +77,21 @@ def test_affine_minimum_with_pixels_on_the_border(affine_with_border, norm, init
     assert (moved[:, g[:8] < 0] == 0).all()
 
 
+@pytest.mark.parametrize("norm", NORMS)
+def test_one_step_uses_only_the_gradient_the_box_allows(affine_with_border, norm):
+    """On the affine model one step from x lands exactly on the boundary, at the exact minimum |L|/‖g_u‖_*: the
+    budget's linearisation and the step both use g_u, the part of the gradient that can move x. With the full
+    gradient the budget would be the unreachable |L|/‖g‖_* and the clip would cut the step short of the boundary.
+    (On the boundary itself argmax keeps the label: success False, the last iterate comes back.)"""
+    model, x, y, margin, g, usable = affine_with_border
+    dual = {"l2": lambda v: v.norm(), "linf": lambda v: v.abs().sum()}[norm]
+    exact = margin.abs() / dual(usable)
+    # A long step: the budget, not α, decides where it ends (in L∞ every moving pixel reaches ±ε).
+    x_1, norms, _ = fmn(model, x, y, norm=norm, steps=1, init="clean", alpha_init=100.0)
+    torch.testing.assert_close(norms, exact, rtol=1e-9, atol=0)
+    torch.testing.assert_close(x_1.flatten(1) @ g + model[1].bias[1], torch.zeros_like(margin), rtol=0, atol=1e-9)
+
+
 def test_targeted_affine_minimum():
     """Three classes; the target's boundary is farther than the nearest one: targeted FMN finds the target's
     distance |z_t − z_y| / ‖w_t − w_y‖₂ (the third class stays below both near x), the untargeted one the nearest."""
@@ -204,11 +219,12 @@ def test_class_keeps_the_minimal_perturbation_inside_the_ball(mnist, name, norm)
 
 def test_last_update_is_looked_at(mnist):
     """Two steps look at x and at x_1 while taking their gradients; x_2, the last update, is looked at after the
-    loop (adv-lib never looks at it). Here x_1 fools the model on no digit in L2, x_2 on a few, and they count."""
+    loop (adv-lib never looks at it). Here, with a short first step, x_1 fools the model on no digit in L2, x_2 on
+    a few, and they count."""
     model, x, y = mnist
-    assert not fmn(model, x, y, norm="l2", steps=1, init="clean").success.any(), \
+    assert not fmn(model, x, y, norm="l2", steps=1, init="clean", alpha_init=0.2).success.any(), \
         "premise: the first update never crosses"
-    x_adv, _, success = fmn(model, x, y, norm="l2", steps=2, init="clean")
+    x_adv, _, success = fmn(model, x, y, norm="l2", steps=2, init="clean", alpha_init=0.2)
     assert success.sum() >= 2, success.sum()
     with torch.no_grad():
         assert torch.equal(model(x_adv).argmax(1) != y, success)

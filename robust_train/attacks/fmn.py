@@ -8,8 +8,9 @@ Per example, FMN keeps a norm budget ε_k and the iterate x_k = x + δ_k inside 
                                    distance to the boundary, or more; ε_0 = ‖δ_0‖, 0 from x)
           found before, not now:   ε_{k+1} = ε_k·(1 + γ_k)
           then ε_{k+1} = min(ε_{k+1}, ‖max(x, 1 − x)‖), the largest perturbation the box allows;
-    δ:    δ_{k+1} = clip_[0,1](x + Π_{ε_{k+1}}(δ_k + α_k · ∇L(x_k) / ‖∇L(x_k)‖₂)) − x,
-with ‖·‖_* the dual norm (L1 for L∞, L2 for L2), Π the projection onto the ε-ball (per-pixel clip for L∞, radial
+    δ:    δ_{k+1} = clip_[0,1](x + Π_{ε_{k+1}}(δ_k + α_k · g_k / ‖g_k‖₂)) − x,
+with g_k the part of ∇L(x_k) that can move x_k (zero at a pixel on 0 or 1 where it points out of [0, 1]; see below),
+‖·‖_* the dual norm (L1 for L∞, L2 for L2), Π the projection onto the ε-ball (per-pixel clip for L∞, radial
 scaling for L2), and α_k, γ_k cosine-annealed over the steps k = 0 … steps − 1:
     α_k = α_final + (α_init − α_final)·(1 + cos(πk/steps))/2,   γ_k likewise from γ_init = 0.05 to γ_final = 0.001.
 The step is the gradient scaled to unit L2 norm for both threat models, as the authors' code does (adv-lib, and their
@@ -28,35 +29,23 @@ far from the nearest one; DeepFool's linearisation aims at the nearest, and FMN 
                  breaks stays broken). Untargeted only.
     "clean+deepfool" (INIT, the default untargeted; targeted runs start at x): both runs, per example the smaller
                  result, so at most both. Cost: DeepFool plus two runs, about 2.5 times one run from x.
-Medians, 100 steps, on the first correctly classified MNIST test digits of the SmallCNN checkpoints `standard` and
-`pgd` (ε 0.1, PGD-5), 1 epoch each, that bench/minimal_norm.py was run on (200 digits):
-                    DeepFool   from x   from DeepFool   both
-    standard, L2      0.917     0.873       0.849       0.849
-    pgd, L2           1.427     1.430       1.351       1.343
-    standard, L∞      0.0615    0.0594      0.0581      0.0576
-    pgd, L∞           0.1299    0.1270      0.1186      0.1186
-From x, 10–17 % of these digits end farther than DeepFool's point. On the benchmark's 50 digits that broke its goal
-(at most every other attack): from x 0.965 against CW's 0.959 (standard, L2), 1.486 against DeepFool's 1.437 (pgd,
-L2), 0.0661 against DeepFool's 0.0615 (standard, L∞); from both starts 0.928, 1.376 and 0.0576, the smallest there,
-at about 0.05 s per digit against CW's 0.4. DeepFool's point alone is not always the better start: on the tests'
-784-64-10 MLP (100 digits, L2) it gives 0.637 against 0.633 from x, and both starts 0.633 (the smaller of the two on
-every digit, by construction). The binary search costs 10 forwards and mostly finds DeepFool's point within 0.1 %
-of the boundary along that path already (its iterates creep up to it across MNIST's clipped pixels, see
-deepfool.NUDGE); it pulls 0–12 % of the CNNs' first 50 digits back by more than 1 %, by up to 17 %.
+Neither start alone is always the better one (bench/RESULTS.md, "minimal_norm"): from x 10–17 % of the digits of
+the benchmark's MNIST models end farther than DeepFool's point, while on the tests' small MLP the start from x wins.
 
 Defaults and where they differ from adv-lib (0.2.8):
-  * steps=100 (adv-lib and foolbox: 10; the paper's best numbers use 1,000). See STEPS for what 100 buys.
+  * steps=300 (adv-lib and foolbox: 10; the paper's best numbers use 1,000). See STEPS for why.
+  * The step and the linearised budget use the feasible gradient g_k, not ∇L: at pixels on the border of [0, 1]
+    (MNIST's background sits on 0) the components pointing out of the box count in ‖∇L‖₂ and ‖∇L‖_*, so the clip
+    undoes part of every step (a step of α moves x_k by less) and the boundary looks nearer than it is. Without
+    this, from x, the L2 run left digits of adversarially trained models unbroken (bench/RESULTS.md).
   * Before the first success the budget grows by at least (1 + γ_k) per step; adv-lib sets it to the linearised
-    estimate ‖δ_k‖ + |L|/‖∇L‖_* alone, which can settle on a fixed point short of the boundary. Two ways seen here:
-    (1) the box: at pixels on the border of [0, 1] (MNIST's background sits on 0) the gradient's components pointing
-    out of it count in ‖∇L‖_*, making the boundary look nearer, while the clip undoes that part of every step, so
-    ‖δ_{k+1}‖ comes out below ε_{k+1} and the next estimate no farther. adv-lib's L2 FMN, from x, breaks 1 of the 100
-    digits of the tests' small MLP at 100 or 1,000 steps with α_init 1 or 3 (12–13 with 0.3), and 18–65 of a
-    small CNN's at 100 steps; this one breaks all of them. (2) An exact linearisation (an affine model, a ReLU
-    network within one linear piece) puts the iterate on the boundary itself, where argmax keeps the label on a tie,
-    and |L| = 0 keeps it there: a 2-class affine model with round float64 numbers (tests/test_fmn.py). In L∞ on the
-    MNIST models the rule moved no median by more than 0.2 % at 100 steps, and the two agree (at 10 steps it breaks
-    12 more of the MLP's digits).
+    estimate ‖δ_k‖ + |L|/‖∇L‖_* alone, which can settle on a fixed point short of the boundary: an exact
+    linearisation (an affine model, a ReLU network within one linear piece) puts the iterate on the boundary
+    itself, where argmax keeps the label on a tie, and |L| = 0 keeps it there (a 2-class affine model with round
+    float64 numbers, tests/test_fmn.py); the box did the same before the feasible gradient above.
+  * Each run ends with its smallest adversarial iterate pulled back towards x along the path of `_towards` (a
+    10-step binary search, as for DeepFool's start): the budget's last shrinks are 0.1 % a step, and an iterate
+    past the boundary keeps the rest.
   * α_init = 1 for both norms, α_final = α_init/100, γ 0.05 → 0.001: adv-lib's (see ALPHA_INIT).
   * The iterate after the last update is also looked at (adv-lib updates after its last look, so that step is lost):
     one more forward, never a worse result.
@@ -93,10 +82,10 @@ from robust_train.attacks.registry import register_attack
 from robust_train.errors import ConfigError
 from robust_train.modes import model_mode
 
-# 100 steps: on a small MNIST MLP and CNN (100 digits) the median norm at 100 steps is that of 1,000 steps to 0.2 %,
-# in L∞ and L2; at 10 (adv-lib's default) it is 2–9 % larger, and 9 of the MLP's digits stay unbroken in L2.
-# One forward and backward per step and example.
-STEPS = 100
+# 300 steps: on a standard model 100 steps are nearly converged, but an adversarially trained one has flat regions
+# where the normalised steps crawl: at 100 steps the L2 run left some digits of the pgd_awp recipe's model unbroken
+# (bench/RESULTS.md, "minimal_norm"). One forward and backward per step and example, per start.
+STEPS = 300
 # adv-lib's α_init, for both norms. In L∞ a step of unit L2 length moves each pixel by much less than 1, yet α_init 3
 # and 10 gave the same medians as 1 (to 0.2 %) on those models, in L∞ and L2: the budget ε_k, not the step, is what
 # converges.
@@ -190,19 +179,25 @@ def _towards(x: torch.Tensor, x_end: torch.Tensor, s: torch.Tensor, norm: str) -
     return torch.where(_expand(s == 1, x), x_end, (x + torch.clamp(delta, -bound, bound)).clamp(0.0, 1.0))
 
 
-def _deepfool_start(model, x, y, norm, compact) -> torch.Tensor:
-    """x_0 for init="deepfool": DeepFool's point (foolbox's overshoot 0.02 and nudge, 50 steps, every class a
-    candidate), pulled back along the path from x to it (`_towards`) by a binary search to the nearest point there
-    that is still adversarial; x itself where DeepFool failed."""
-    found = _deepfool(model, x, y, norm, 0.02, 50, 10, compact=compact)
+def _pull_back(model, x, x_end, y, target, norm) -> torch.Tensor:
+    """The point nearest x on the path from x to x_end (`_towards`) that is still adversarial, to within 2^-10 of the
+    path by a binary search of BINARY_SEARCH_STEPS forwards; x_end must be adversarial (the search's upper end always
+    is, unlike adv-lib's last midpoint)."""
     lower = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-    upper = torch.ones_like(lower)  # always an adversarial scale (1: DeepFool's own point), unlike adv-lib's last mid
+    upper = torch.ones_like(lower)
     with torch.no_grad():
         for _ in range(BINARY_SEARCH_STEPS):
             mid = (lower + upper) / 2
-            is_adv = _adversarial(upcast(model(_towards(x, found.x_adv, mid, norm))), y, None)
+            is_adv = _adversarial(upcast(model(_towards(x, x_end, mid, norm))), y, target)
             lower, upper = torch.where(is_adv, lower, mid), torch.where(is_adv, mid, upper)
-    return torch.where(_expand(found.success, x), _towards(x, found.x_adv, upper, norm), x)
+    return _towards(x, x_end, upper, norm)
+
+
+def _deepfool_start(model, x, y, norm, compact) -> torch.Tensor:
+    """x_0 for init="deepfool": DeepFool's point (foolbox's overshoot 0.02 and nudge, 50 steps, every class a
+    candidate), pulled back towards x (`_pull_back`); x itself where DeepFool failed."""
+    found = _deepfool(model, x, y, norm, 0.02, 50, 10, compact=compact)
+    return torch.where(_expand(found.success, x), _pull_back(model, x, found.x_adv, y, None, norm), x)
 
 
 def _fmn(model, x, y, target, norm, steps, alpha_init, alpha_final, gamma_init, gamma_final, init="clean",
@@ -265,6 +260,10 @@ def _fmn_run(model, x, y, target, norm, x_adv, steps, alpha_init, alpha_final, g
             logits, loss = logits.detach(), loss.detach()
             is_adv, d_norm = keep_best(logits, x_adv)
             found |= is_adv
+            # Only the part of the gradient that can move x' counts: at a pixel on 0 or 1 a component pointing out
+            # of [0, 1] would be clipped away after the step, shortening it, and would make the boundary look
+            # nearer in the linearised budget (see the module docstring).
+            grad = torch.where(((x_adv <= 0) & (grad < 0)) | ((x_adv >= 1) & (grad > 0)), 0.0, grad)
             flat = _per_example(grad)
             dual = (flat.norm(dim=1) if norm == "l2" else flat.abs().sum(1)).clamp_min(_TINY)
             # Until a first success the budget jumps to the linearised boundary, but grows by at least (1 + γ): the
@@ -285,6 +284,11 @@ def _fmn_run(model, x, y, target, norm, x_adv, steps, alpha_init, alpha_final, g
     with torch.no_grad():
         # The last update has not been looked at yet (adv-lib drops it).
         keep_best(upcast(model(x_adv)), x_adv)
+    # The budget's last shrinks are 0.1 % a step, and the best iterate may sit past the boundary: a pull-back
+    # towards x takes what is left (10 forwards).
+    found = torch.isfinite(best_norm)
+    best_adv = torch.where(_expand(found, x), _pull_back(model, x, best_adv, y, target, norm), best_adv)
+    best_norm = torch.where(found, _size(best_adv - x, norm), best_norm)
     return best_adv, best_norm, x_adv
 
 
