@@ -7,10 +7,11 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from robust_train.attacks import ATTACKS, FMN, create_attack, deepfool, fmn
-from robust_train.attacks.base import _expand
+from robust_train.attacks.base import _expand, attack_loss
 from robust_train.attacks.fmn import ALPHA_INIT, INIT, STEPS
 from robust_train.errors import ConfigError
 from tests.conftest import SmallMLP, train_on_mnist
@@ -90,6 +91,9 @@ def test_one_step_uses_only_the_gradient_the_box_allows(affine_with_border, norm
     x_1, norms, _ = fmn(model, x, y, norm=norm, steps=1, init="clean", alpha_init=100.0)
     torch.testing.assert_close(norms, exact, rtol=1e-9, atol=0)
     torch.testing.assert_close(x_1.flatten(1) @ g + model[1].bias[1], torch.zeros_like(margin), rtol=0, atol=1e-9)
+    if norm == "l2":  # δ is scaled onto the sphere of radius ε (adv-lib's), so a short step lands there too
+        short = fmn(model, x, y, norm=norm, steps=1, init="clean", alpha_init=0.01)
+        torch.testing.assert_close(short.x_adv, x_1, rtol=0, atol=1e-12)
 
 
 def test_targeted_affine_minimum():
@@ -218,16 +222,27 @@ def test_class_keeps_the_minimal_perturbation_inside_the_ball(mnist, name, norm)
 
 
 def test_last_update_is_looked_at(mnist):
-    """Two steps look at x and at x_1 while taking their gradients; x_2, the last update, is looked at after the
-    loop (adv-lib never looks at it). Here, with a short first step, x_1 fools the model on no digit in L2, x_2 on
-    a few, and they count."""
+    """One step from x: x_1 = clip(x + ε_1·g/‖g‖₂), g the gradient of the margin that the box allows and ε_1 the
+    linearised distance |L|/‖g‖₂ (the L2 sphere). The loop looks only at x; x_1, the last update, is looked at
+    after it (adv-lib never looks at its last update): where x_1 is adversarial it is a candidate, so it comes back
+    pulled back towards x along the segment (strictly, on some digits), not as the unrefined last iterate x_1."""
     model, x, y = mnist
-    assert not fmn(model, x, y, norm="l2", steps=1, init="clean", alpha_init=0.2).success.any(), \
-        "premise: the first update never crosses"
-    x_adv, _, success = fmn(model, x, y, norm="l2", steps=2, init="clean", alpha_init=0.2)
-    assert success.sum() >= 2, success.sum()
+    xg = x.clone().requires_grad_(True)
+    margin = attack_loss(model(xg), y, "margin")
+    (g,) = torch.autograd.grad(margin.sum(), xg)
+    g = torch.where(((x <= 0) & (g < 0)) | ((x >= 1) & (g > 0)), 0.0, g)
+    g_norm = g.flatten(1).norm(dim=1)
+    x_1 = (x + g * _expand(margin.detach().abs() / g_norm.square(), g)).clamp(0, 1)
     with torch.no_grad():
-        assert torch.equal(model(x_adv).argmax(1) != y, success)
+        crossed = model(x_1).argmax(1) != y
+    assert crossed.sum() >= 2, "premise: some digits cross in one step"
+
+    x_adv, _, success = fmn(model, x, y, norm="l2", steps=1, init="clean")
+    assert torch.equal(success, crossed)
+    step, kept = (x_1 - x)[crossed].flatten(1), (x_adv - x)[crossed].flatten(1)
+    assert (F.cosine_similarity(kept, step, dim=1) > 1 - 1e-5).all()
+    shrink = kept.norm(dim=1) / step.norm(dim=1)
+    assert (shrink <= 1 + 1e-6).all() and (shrink < 0.99).any(), shrink
 
 
 def test_grad_modes(mnist):
