@@ -34,9 +34,9 @@ since neither then tests the paper's claim. The accuracy kept (probe / clean) is
 adversarially trained models start lower. The paper gives its numbers in figures only, so only the direction is
 compared.
 
-    python bench/probes.py [--data mnist,cifar10] [--quick] [--epochs E] [--cifar-epochs 30] [--train-fraction F]
-        [--train-steps S] [--mnist-eps 0.3] [--cifar-eps 8/255] [--ckpt NAME=PATH ...] [--n 1000] [--device cuda]
-        [--out bench/out/probes.json]
+    python bench/probes.py [--data mnist,cifar10] [--models standard,pgd,int2_adv] [--quick] [--epochs E]
+        [--cifar-epochs 30] [--train-fraction F] [--train-steps S] [--mnist-eps 0.3] [--cifar-eps 8/255]
+        [--ckpt NAME=PATH ...] [--n 1000] [--device cuda] [--out bench/out/probes.json]
 
 A quick CPU check (MNIST only, one epoch each at ε 0.1, 500 test images; numbers only indicative). Compressed to
 one epoch, the recipes' ε warm-up is too short for ε 0.3: measured (half an epoch, PGD-10), `pgd` and `int2_adv`
@@ -229,6 +229,8 @@ def main(argv=None):
     ap.add_argument("--ckpt", action="append", default=[], metavar="NAME=PATH",
                     help="reuse a checkpoint instead of training: standard|pgd|int2_adv=PATH for MNIST, "
                          "cifar10:pgd=PATH for CIFAR-10 (repeatable)")
+    ap.add_argument("--models", default=",".join(MODELS),
+                    help="comma list of the models to probe (standard, the baseline, is always one of them)")
     ap.add_argument("--n", type=int, default=None, help="first n test images (default 1000; --quick 500)")
     ap.add_argument("--batch-size", type=int, default=250)
     ap.add_argument("--seed", type=int, default=0, help="seed of the patch shuffling")
@@ -252,10 +254,14 @@ def main(argv=None):
         ap.error("--n, --batch-size, --train-steps and the epochs must be positive")
     if "cifar10" in datasets and not Path(args.cifar_data).exists():
         ap.error(f"--cifar-data {args.cifar_data} not found: point it at the folder of cifar10_subset.npz")
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if "standard" not in models or any(m not in MODELS for m in models):
+        ap.error(f"--models {args.models!r}: a comma list of {', '.join(MODELS)} that includes standard")
+    models = [m for m in MODELS if m in models]
     ckpts = parse_ckpts(args.ckpt)
     device = args.device
     result = {"benchmark": "probes", "paper": PAPER, "settings": {
-        "data": datasets, "n": args.n, "epochs": args.epochs, "cifar_epochs": args.cifar_epochs,
+        "data": datasets, "models": models, "n": args.n, "epochs": args.epochs, "cifar_epochs": args.cifar_epochs,
         "cifar_arch": args.cifar_arch, "train_fraction": args.train_fraction, "train_steps": args.train_steps,
         "seed": args.seed, "saturation_levels": SATURATION, "shuffle_levels": SHUFFLE, "pgd_steps": PGD_STEPS,
         "eps": args.eps},
@@ -265,7 +271,7 @@ def main(argv=None):
     t_all = time.time()
     for data in datasets:
         rows = result["rows"].setdefault(data, {})
-        for model in MODELS:
+        for model in models:
             ckpt = ckpts.get((data, model))
             if ckpt is None:
                 recipe, extra = training(data, model, args)
@@ -287,7 +293,7 @@ def main(argv=None):
             write_result(args.out, result, announce=False)  # a crash keeps the finished models
         result["verdicts"][data] = {f"{model} vs standard": {probe: verdict(rows[model], rows["standard"], probe)
                                                              for probe in EXPECTED}
-                                    for model in ADVERSARIAL}
+                                    for model in ADVERSARIAL if model in models}
 
     print("\n## Shape-bias probes (Zhang & Zhu 2019) on our models\n")
     print(f"Paper ({PAPER['source']}): under saturation {PAPER['saturation']}; under patch shuffling "
