@@ -335,6 +335,25 @@ def _ce_grad(w, b, x, cls):
     return ((p - F.one_hot(cls, NUM_CLASSES).double()) @ w).view_as(x)
 
 
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_projection_keeps_points_inside_the_ball_bit_for_bit(norm):
+    """A minimal-perturbation attack hands back its point as is when it fits in ε; in float32 x + (x' − x) is not
+    always x' (0.49625659 + (0.00075720868 − 0.49625659) = 0.00075721741)."""
+    from robust_train.attacks.base import project
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 1, 8, 8, generator=g)
+    x_adv = x.clone()
+    x_adv[:, 0, :2, :2] = 1e-3 * torch.rand(64, 2, 2, generator=g)  # a few pixels moved far, towards 0
+    delta = (x_adv - x).flatten(1)
+    eps = (delta.norm(dim=1) if norm == "l2" else delta.abs().amax(1)).max().item() * 1.01
+    assert not torch.equal(x + (x_adv - x), x_adv)  # the rounding this guards against happens here
+    assert torch.equal(project(x_adv, x, eps, norm), x_adv)
+    # Outside the ball: onto its surface (L2) or its box (L∞), and into [0, 1].
+    far = project(x + 10 * (x_adv - x), x, eps, norm)
+    sizes = (far - x).flatten(1).norm(dim=1) if norm == "l2" else (far - x).flatten(1).abs().amax(1)
+    assert (sizes <= eps * (1 + 1e-6)).all() and far.min() >= 0 and far.max() <= 1
+
+
 def test_fgsm_closed_form_linear(linear_problem):
     model, w, b, x, y = linear_problem
     eps = 0.07

@@ -19,11 +19,23 @@ TINY = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3", "--tr
         "false", "--trainer.enable_model_summary", "false"]
 
 
+def cli_env(env: dict | None = None) -> dict:
+    return {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONWARNINGS": "ignore", **(env or {})}
+
+
 def run(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONWARNINGS": "ignore",
-                **(env or {})}
     return subprocess.run([sys.executable, "-m", "robust_train", *args], capture_output=True, text=True,
-                          env=full_env, cwd=cwd or REPO, timeout=600)
+                          env=cli_env(env), cwd=cwd or REPO, timeout=600)
+
+
+def run_many(*command_lines: list[str]) -> list[subprocess.CompletedProcess]:
+    """`run` of each command line, as separate processes forked after one start-up (tests/cli_batch.py)."""
+    cases = [{"args": list(args), "env": cli_env(), "cwd": str(REPO)} for args in command_lines]
+    done = subprocess.run([sys.executable, "-m", "tests.cli_batch"], input=json.dumps(cases), capture_output=True,
+                          text=True, env=cli_env(), cwd=REPO, timeout=600 * len(cases))
+    assert done.returncode == 0, done.stderr[-2000:]
+    return [subprocess.CompletedProcess([sys.executable, "-m", "robust_train", *args], r["returncode"], r["stdout"],
+                                        r["stderr"]) for args, r in zip(command_lines, json.loads(done.stdout))]
 
 
 def test_console_script_is_installed():
@@ -41,9 +53,15 @@ def test_recipes_command_lists_every_recipe_with_a_description():
     assert all(len(line.split(maxsplit=1)) == 2 for line in out.stdout.splitlines() if line.strip())
 
 
+@pytest.fixture(scope="module")
+def printed_configs():
+    recipes = sorted(available_recipes())
+    return dict(zip(recipes, run_many(*[["fit", "--recipe", recipe, "--print_config"] for recipe in recipes])))
+
+
 @pytest.mark.parametrize("recipe", sorted(available_recipes()))
-def test_every_recipe_parses(recipe):
-    out = run("fit", "--recipe", recipe, "--print_config")
+def test_every_recipe_parses(recipe, printed_configs):
+    out = printed_configs[recipe]
     assert out.returncode == 0, out.stderr[-2000:]
     assert "class_path: robust_train.methods." in out.stdout
     assert "inference_mode: false" in out.stdout

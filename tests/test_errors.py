@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_cli import run
+from tests.test_cli import run, run_many
 
 
 class _RunsCode:
@@ -159,10 +159,16 @@ def test_malformed_data_writes_nothing(bad_files, tmp_path):
     assert not list(out.glob("*/*")), list(out.rglob("*"))
 
 
+@pytest.fixture(scope="module")
+def bad_input_runs(bad_files):
+    cases = sorted(CASES)
+    return dict(zip(cases, run_many(*[[a.replace("{bad}", str(bad_files)) for a in CASES[c][0]] for c in cases])))
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_input_gives_one_line_and_exit_code_2(case, bad_files):
-    args, expected = CASES[case]
-    res = run(*[a.replace("{bad}", str(bad_files)) for a in args])
+def test_bad_input_gives_one_line_and_exit_code_2(case, bad_input_runs):
+    expected = CASES[case][1]
+    res = bad_input_runs[case]
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert res.returncode == 2, res.stderr[-2000:]
     assert "Traceback" not in res.stderr, res.stderr[-2000:]

@@ -112,8 +112,8 @@ def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: Norm = "linf
     if norm == "l2":
         delta = x_adv - x
         norms = _per_example(delta).norm(dim=1).clamp_min(1e-12)
-        delta = delta * _expand(torch.clamp(eps / norms, max=1.0), delta)
-        x_adv = x + delta
+        # x + (x' − x) need not round back to x' bit for bit: a point already inside the ball is kept as given.
+        x_adv = torch.where(_expand(norms <= eps, x_adv), x_adv, x + delta * _expand(eps / norms, delta))
     else:
         raise ConfigError(f"unknown norm {norm!r}: use 'linf' or 'l2'")
     return x_adv.clamp(0.0, 1.0)
