@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -65,6 +66,19 @@ def test_every_recipe_parses(recipe, printed_configs):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "class_path: robust_train.methods." in out.stdout
     assert "inference_mode: false" in out.stdout
+
+
+def test_forked_command_lines_print_and_return_what_real_processes_do():
+    """tests/cli_batch.py is a shortcut for `run`: the same output, error line and exit code, or it hides bugs."""
+    lines = [["fit", "--recipe", "trades", "--print_config"], ["fit", "--recipe", "pgd", "--model.init_args.eps", "2"]]
+    def same_run_name(text):  # each fit names its run <date>-<time>-<random>
+        return re.sub(r"\d{8}-\d{6}-[0-9a-f]{4}", "<run>", text)
+
+    for args, forked in zip(lines, run_many(*lines)):
+        real = run(*args)
+        assert (forked.returncode, same_run_name(forked.stdout), forked.stderr) == \
+            (real.returncode, same_run_name(real.stdout), real.stderr)
+    assert forked.returncode == 2 and forked.stderr.startswith("robust-train: error:"), forked.stderr
 
 
 def test_flags_override_the_recipe():
