@@ -71,6 +71,7 @@ def test_every_recipe_parses(recipe, printed_configs):
 def test_forked_command_lines_print_and_return_what_real_processes_do():
     """tests/cli_batch.py is a shortcut for `run`: the same output, error line and exit code, or it hides bugs."""
     lines = [["fit", "--recipe", "trades", "--print_config"], ["fit", "--recipe", "pgd", "--model.init_args.eps", "2"]]
+
     def same_run_name(text):  # each fit names its run <date>-<time>-<random>
         return re.sub(r"\d{8}-\d{6}-[0-9a-f]{4}", "<run>", text)
 
